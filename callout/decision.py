@@ -1,0 +1,505 @@
+"""Every rule that decides admit or deny lives in this module.
+
+Theory of operation
+-------------------
+nats-server publishes one authorization request per connecting client and waits, up to its
+`authorization.timeout`, for one response (shared/protocol.md §0). A request is admitted only
+when it passes three gates, in this order; anything else is a deny with exactly one reason
+from the table below, answered at once (silence costs the client the full server timeout).
+
+1. **The request is authentic** (`Authorizer.open`). It opens (xkey box, when configured),
+   decodes as a v2 `authorization_request` JWT signed by the server that sent it
+   (`iss == nats.server_id.id`), is addressed to callouts, and has not expired. A request
+   that does not get this far cannot be answered with a signed error (we do not know whom
+   to address it to), so it is answered with an empty body, which the server treats as an
+   immediate deny (protocol.md §3 check 1).
+2. **The client proved its key.** `connect_opts.sig` must be the signature of
+   `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
+   does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
+   we do not, nobody does. This gate applies to internal keys too.
+3. **The key is allowed** (`Authorizer.decide`). An internal key (`--internal-key`) is
+   admitted without asking the store, so the system can boot and recover while the store
+   is down. Any other key needs a record from the store that parses, is not revoked and
+   places the user in an allowed account; in soft mode a missing record is admitted with
+   the default permissions and logged as `would_deny`.
+
+The I/O shell (`callout.service`) only moves bytes and time: it calls `open`, asks the store
+when `Request.internal` is false (within the deadline `Request.deadline` gives), calls
+`decide` with the store's answer, and sends `respond`'s bytes. It turns any exception into
+`INTERNAL_ERROR`. Nothing here does I/O, so recorded requests replay through it exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import nacl.public
+
+from callout import jwt, xkey
+from callout.keys import CurveKey, KeyError_, KeyKind, SigningKey, decode_public, keys_equal, verify
+from callout.records import UNRESTRICTED, Permissions, RecordError, UserRecord, parse_record
+
+# ---------------------------------------------------------------------------------------------
+# Reasons. Each decision carries exactly one; it is the `reason` field of the decision log line
+# and the `error` text the server logs (never shown to the client, protocol.md §3).
+# ---------------------------------------------------------------------------------------------
+ADMIT: Final = "admit"  # known user, record allows it
+ADMIT_INTERNAL: Final = "internal"  # --internal-key, no store lookup
+WOULD_DENY: Final = "would_deny"  # soft mode: no record, admitted with default permissions
+
+# Gate 1: the request itself. The operator's fix is on the server side or in our key config.
+OVERSIZE: Final = "request_oversize"  # payload larger than MAX_REQUEST_BYTES
+XKEY_REQUIRED: Final = "xkey_required"  # plaintext request but --xkey-seed-file is set
+XKEY_UNEXPECTED: Final = "xkey_unexpected"  # encrypted request but no --xkey-seed-file
+XKEY_FAILED: Final = "xkey_failed"  # box does not open: server's xkey is not ours
+MALFORMED: Final = "request_malformed"  # not a NATS JWT, or a claim of the wrong shape
+FORGED: Final = "request_forged"  # signature over the request does not verify
+NOT_FOR_US: Final = "request_wrong_audience"  # aud is not nats-authorization-request
+WRONG_SERVER: Final = "request_wrong_server"  # iss is not nats.server_id.id / xkey mismatch
+EXPIRED: Final = "request_expired"  # past exp: the server has already given up
+NOT_YET_VALID: Final = "request_not_yet_valid"  # nbf in the future (clock skew?)
+REPLAY: Final = "replay"  # this (server id, user_nkey) was answered before
+# Gate 2: the client's proof of key.
+NO_NKEY: Final = "no_nkey"  # client did not present an nkey (user/pass, token, JWT...)
+BAD_NKEY: Final = "bad_nkey"  # connect_opts.nkey is not a user public key
+NO_SIGNATURE: Final = "no_signature"  # nkey without sig, or no nonce in the request
+BAD_SIGNATURE: Final = "bad_signature"  # sig does not verify over the nonce
+# Gate 3: the store and the record.
+UNKNOWN_USER: Final = "unknown_user"  # no record for this key
+REVOKED: Final = "revoked"  # record says revoked
+RECORD_INVALID: Final = "record_invalid"  # record does not parse or has a bad field
+ACCOUNT_NOT_ALLOWED: Final = "account_not_allowed"  # record names an account not allowed
+STORE_UNAVAILABLE: Final = "store_unavailable"  # bucket/JetStream missing or erroring
+STORE_TIMEOUT: Final = "store_timeout"  # no answer within --backend-timeout / request exp
+# The shell's catch-all: a bug, never an admit.
+INTERNAL_ERROR: Final = "internal_error"
+
+ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
+
+# Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
+# leaves room for long chains and stops a flood of huge messages from costing much.
+MAX_REQUEST_BYTES: Final = 128 * 1024
+# `exp` is whole seconds, truncated (protocol.md §1, "exp ... truncated"): a request is
+# only certainly dead one second after its exp.
+EXP_LEEWAY: Final = 1.0
+_REQUEST_AUDIENCE: Final = "nats-authorization-request"
+_RAW_URL = re.compile(r"[A-Za-z0-9_-]+")
+# 11 random bytes in base64url = 15 chars today; bound it without betting on the exact size.
+_MAX_NONCE = 128
+_MAX_SIG_TEXT = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything the rules depend on besides the request, the clock and the store."""
+
+    issuer: SigningKey
+    account: str
+    allowed_accounts: frozenset[str]
+    xkeys: tuple[CurveKey, ...] = ()
+    internal_keys: tuple[str, ...] = ()
+    internal_permissions: Permissions = UNRESTRICTED
+    default_permissions: Permissions = UNRESTRICTED
+    mode: Literal["enforce", "soft"] = "enforce"
+    user_ttl: float = 86400.0
+    backend_timeout: float = 1.0
+    # Never placed, whatever --allowed-account says: the system account and the callout
+    # account (a user there could answer auth requests). Config mode has no server-side
+    # check on the user JWT's aud (protocol.md §5, "Placing a user in an account").
+    forbidden_accounts: frozenset[str] = frozenset({"SYS", "$SYS"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request that passed gates 1 and 2: authentic, and the client holds its key."""
+
+    server_id: str
+    user_nkey: str
+    client_key: str
+    exp: float
+    internal: bool
+    # When the request was encrypted: the server's curve key and the one of ours that opened
+    # it, to encrypt the response back the same way.
+    xkeys: tuple[nacl.public.PublicKey, CurveKey] | None
+    client_host: str = ""
+    client_id: int = 0
+    client_name: str = ""
+
+    def deadline(self, received: float, backend_timeout: float) -> float:
+        """When the store must have answered: --backend-timeout, and never past the request's
+        own exp, so a deny is still heard by a server that is still waiting."""
+        return min(received + backend_timeout, self.exp)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reason: str
+    detail: str = ""
+    request: Request | None = None
+    # Set on admit:
+    account: str = ""
+    name: str = ""
+    permissions: Permissions = UNRESTRICTED
+    # Enough of an unauthenticated request to log it (never trusted for a decision).
+    client_key: str = ""
+    # True: send nothing. Only for requests the server has certainly given up on.
+    drop: bool = False
+
+    @property
+    def admit(self) -> bool:
+        return self.reason in ADMIT_REASONS
+
+
+# The store's answer, as the shell saw it.
+@dataclass(frozen=True, slots=True)
+class Found:
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    pass
+
+
+StoreAnswer = Found | Missing | Unavailable | TimedOut
+
+
+@dataclass(slots=True)
+class SeenRequests:
+    """Bounded memory of answered (server id, user_nkey) pairs, each kept until its request
+    expires. Keyed on user_nkey, not jti: the server makes a fresh user_nkey per request,
+    while jti repeats within a second (protocol.md §4, "The request jti is not unique").
+    When full, the oldest entries go first; a replayed request's response is addressed to a
+    user key whose private half the server discarded, so forgetting early is not an admit."""
+
+    capacity: int = 100_000
+    _entries: OrderedDict[tuple[str, str], float] = field(default_factory=OrderedDict)
+
+    def first_sight(self, server_id: str, user_nkey: str, until: float, now: float) -> bool:
+        entries = self._entries
+        while entries:
+            oldest_key, oldest_until = next(iter(entries.items()))
+            if oldest_until >= now and len(entries) < self.capacity:
+                break
+            del entries[oldest_key]
+        key = (server_id, user_nkey)
+        if key in entries:
+            return False
+        entries[key] = until
+        return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _b64_signature(text: str) -> bytes | None:
+    """Client sigs come as RawURL base64 (Go) or padded standard base64 (nats-py); the server
+    tries RawURL then Std (protocol.md §1, "Encoding"). Strict: stray characters are garbage."""
+    try:
+        if _RAW_URL.fullmatch(text):
+            if len(text) % 4 == 1:
+                return None
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _is_internal(client_key: str, internal_keys: tuple[str, ...]) -> bool:
+    # Compare against every configured key without stopping at the first match.
+    found = False
+    for key in internal_keys:
+        found |= keys_equal(client_key, key)
+    return found
+
+
+def _str(doc: Mapping[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str):
+        raise _Malformed(f"{key} missing or not a string")
+    return value
+
+
+class _Malformed(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Authorizer:
+    """The sans-I/O core: request bytes + clock + store answer in, response bytes out."""
+
+    policy: Policy
+    seen: SeenRequests = field(default_factory=SeenRequests)
+
+    # -- gate 1 and 2 -------------------------------------------------------------------------
+    def open(
+        self, payload: bytes, headers: Mapping[str, str] | None, now: float
+    ) -> Request | Decision:
+        policy = self.policy
+        if len(payload) > MAX_REQUEST_BYTES:
+            return Decision(OVERSIZE, f"{len(payload)} bytes")
+        header_xkey = (headers or {}).get(xkey.HEADER)
+        xkeys: tuple[nacl.public.PublicKey, CurveKey] | None = None
+        token = payload
+        sealed = xkey.is_sealed(payload)
+        if sealed or header_xkey is not None:
+            if not policy.xkeys:
+                return Decision(XKEY_UNEXPECTED, "request is encrypted; configure --xkey-seed-file")
+            if not sealed or header_xkey is None:
+                return Decision(
+                    XKEY_FAILED, f"{xkey.HEADER} header and xkv1 payload must come together"
+                )
+            try:
+                server_xkey = xkey.server_key(header_xkey)
+                token, ours = xkey.open_box(payload, server_xkey, policy.xkeys)
+                xkeys = (server_xkey, ours)
+            except xkey.XkeyError as exc:
+                return Decision(XKEY_FAILED, str(exc))
+        try:
+            claims = jwt.decode(token, KeyKind.SERVER).claims
+        except jwt.TokenError as exc:
+            return Decision(FORGED if exc.signature else MALFORMED, exc.detail)
+        try:
+            return self._check_claims(claims, header_xkey, xkeys, now)
+        except _Malformed as exc:
+            return Decision(MALFORMED, str(exc))
+
+    def _check_claims(
+        self,
+        claims: dict[str, Any],
+        header_xkey: str | None,
+        xkeys: tuple[nacl.public.PublicKey, CurveKey] | None,
+        now: float,
+    ) -> Request | Decision:
+        nats = claims.get("nats")
+        if not isinstance(nats, dict):
+            raise _Malformed("nats claims missing")
+        if nats.get("type") != "authorization_request" or nats.get("version") != 2:
+            raise _Malformed("not a v2 authorization_request")
+        server = nats.get("server_id")
+        if not isinstance(server, dict):
+            raise _Malformed("server_id missing")
+        server_id = _str(server, "id")
+        user_nkey = _str(nats, "user_nkey")
+        issuer = _str(claims, "iss")
+        exp = claims.get("exp")
+        if type(exp) is not int:
+            raise _Malformed("exp missing or not an integer")
+        client_info = nats.get("client_info") or {}
+        connect_opts = nats.get("connect_opts") or {}
+        if not isinstance(client_info, dict) or not isinstance(connect_opts, dict):
+            raise _Malformed("client_info / connect_opts not objects")
+        host, cid, cname = client_info.get("host"), client_info.get("id"), connect_opts.get("name")
+        host = host if isinstance(host, str) else ""
+        cid = cid if type(cid) is int else 0
+        cname = cname[:128] if isinstance(cname, str) else ""
+        claimed = connect_opts.get("nkey")
+        claimed = claimed if isinstance(claimed, str) else ""
+
+        def deny(reason: str, detail: str) -> Decision:
+            return Decision(reason, detail, client_key=claimed[:64])
+
+        # The request is signed by `iss`; it must be the server that says it sent it, or
+        # any server key could speak for any other (protocol.md §4, "Verifying the request").
+        if not keys_equal(issuer, server_id):
+            return deny(WRONG_SERVER, "iss is not nats.server_id.id")
+        if claims.get("aud") != _REQUEST_AUDIENCE:
+            return deny(NOT_FOR_US, "aud is not nats-authorization-request")
+        if header_xkey is not None and server.get("xkey") != header_xkey:
+            return deny(WRONG_SERVER, "server_id.xkey does not match the Nats-Server-Xkey header")
+        if now > exp + EXP_LEEWAY:
+            return Decision(
+                EXPIRED, f"expired {now - exp:.1f}s ago", client_key=claimed[:64], drop=True
+            )
+        nbf = claims.get("nbf")
+        if type(nbf) is int and now + EXP_LEEWAY < nbf:
+            return deny(NOT_YET_VALID, "nbf is in the future")
+        try:
+            decode_public(user_nkey, KeyKind.USER)
+        except KeyError_:
+            raise _Malformed("user_nkey is not a user public key") from None
+
+        # Gate 1 passed: from here on, deny with a signed error response.
+        def refuse(reason: str, detail: str) -> Decision:
+            request = Request(server_id, user_nkey, claimed[:64], float(exp), False, xkeys)
+            return Decision(reason, detail, request, client_key=claimed[:64])
+
+        if self.policy.xkeys and xkeys is None:
+            return refuse(
+                XKEY_REQUIRED, "request is plaintext: the server has no auth_callout xkey"
+            )
+        if not self.seen.first_sight(server_id, user_nkey, exp + EXP_LEEWAY, now):
+            return refuse(REPLAY, "this server's user_nkey was answered before")
+
+        # Gate 2: the client's signature over the nonce.
+        if not claimed:
+            return refuse(NO_NKEY, "client presented no nkey")
+        try:
+            client_raw = decode_public(claimed, KeyKind.USER)
+        except KeyError_ as exc:
+            return refuse(BAD_NKEY, str(exc))
+        sig_text, nonce = connect_opts.get("sig"), client_info.get("nonce")
+        if not isinstance(sig_text, str) or not sig_text or not isinstance(nonce, str) or not nonce:
+            return refuse(NO_SIGNATURE, "no sig, or no nonce in the request")
+        if len(sig_text) > _MAX_SIG_TEXT or len(nonce) > _MAX_NONCE:
+            return refuse(BAD_SIGNATURE, "sig or nonce too long")
+        signature = _b64_signature(sig_text)
+        if signature is None or len(signature) != 64:
+            return refuse(BAD_SIGNATURE, "sig is not base64 of 64 bytes")
+        if not verify(client_raw, nonce.encode(), signature):
+            return refuse(BAD_SIGNATURE, "sig does not verify over the nonce")
+        return Request(
+            server_id=server_id,
+            user_nkey=user_nkey,
+            client_key=claimed,
+            exp=float(exp),
+            internal=_is_internal(claimed, self.policy.internal_keys),
+            xkeys=xkeys,
+            client_host=host,
+            client_id=cid,
+            client_name=cname,
+        )
+
+    # -- gate 3 -------------------------------------------------------------------------------
+    def decide(self, request: Request, answer: StoreAnswer | None) -> Decision:
+        """`answer` is None only for internal keys, which are never looked up."""
+        policy = self.policy
+        if request.internal:
+            return Decision(
+                ADMIT_INTERNAL,
+                "",
+                request,
+                policy.account,
+                "internal",
+                policy.internal_permissions,
+                request.client_key,
+            )
+        match answer:
+            case Found(value):
+                try:
+                    record = parse_record(value)
+                except RecordError as exc:
+                    return Decision(
+                        RECORD_INVALID, str(exc), request, client_key=request.client_key
+                    )
+                return self._decide_record(request, record)
+            case Missing():
+                if policy.mode == "soft":
+                    return Decision(
+                        WOULD_DENY,
+                        "no record; soft mode admits",
+                        request,
+                        policy.account,
+                        "",
+                        policy.default_permissions,
+                        request.client_key,
+                    )
+                return Decision(
+                    UNKNOWN_USER, "no record for this key", request, client_key=request.client_key
+                )
+            case Unavailable(detail):
+                return Decision(STORE_UNAVAILABLE, detail, request, client_key=request.client_key)
+            case TimedOut():
+                return Decision(
+                    STORE_TIMEOUT,
+                    "store did not answer in time",
+                    request,
+                    client_key=request.client_key,
+                )
+            case None:
+                return Decision(
+                    INTERNAL_ERROR,
+                    "no store answer for a non-internal key",
+                    request,
+                    client_key=request.client_key,
+                )
+
+    def _decide_record(self, request: Request, record: UserRecord) -> Decision:
+        policy = self.policy
+        if record.revoked:
+            return Decision(REVOKED, "record is revoked", request, client_key=request.client_key)
+        account = record.account or policy.account
+        if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
+            return Decision(
+                ACCOUNT_NOT_ALLOWED,
+                f"record names account {account!r}",
+                request,
+                client_key=request.client_key,
+            )
+        # admin: full access within its account, as internal identities get by default.
+        permissions = UNRESTRICTED if record.admin else record.permissions
+        return Decision(ADMIT, "", request, account, record.name, permissions, request.client_key)
+
+    def fail(self, request: Request | None, detail: str) -> Decision:
+        """The shell's catch-all: any exception becomes a deny."""
+        return Decision(
+            INTERNAL_ERROR, detail, request, client_key=request.client_key if request else ""
+        )
+
+    # -- the response -------------------------------------------------------------------------
+    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
+        """The response bytes for `decision`. `jitter` in [-1, 1] scales the ±10% spread of the
+        user JWT's exp (random when None), so JWTs issued in one reconnect storm do not all
+        expire together."""
+        request = decision.request
+        if request is None:
+            # We cannot address a signed error: the empty body is the server's immediate deny.
+            return b""
+        policy = self.policy
+        issued = int(now)
+        nats: dict[str, Any] = {"type": "authorization_response", "version": 2}
+        if decision.admit:
+            if jitter is None:
+                jitter = secrets.SystemRandom().uniform(-1.0, 1.0)
+            user: dict[str, Any] = {
+                "jti": secrets.token_hex(12),
+                "iat": issued,
+                "iss": policy.issuer.public,
+                "sub": request.user_nkey,
+                "aud": decision.account,
+                "nats": {
+                    **decision.permissions.claims(),
+                    "subs": -1,
+                    "data": -1,
+                    "payload": -1,
+                    "type": "user",
+                    "version": 2,
+                },
+            }
+            if decision.name:
+                user["name"] = decision.name
+            if policy.user_ttl > 0:
+                user["exp"] = int(now + policy.user_ttl * (1.0 + 0.1 * jitter))
+            nats["jwt"] = jwt.encode(user, policy.issuer).decode()
+        else:
+            nats["error"] = decision.reason
+        response = {
+            "jti": secrets.token_hex(12),
+            "iat": issued,
+            "iss": policy.issuer.public,
+            "sub": request.user_nkey,
+            "aud": request.server_id,
+            "nats": nats,
+        }
+        body = jwt.encode(response, policy.issuer)
+        if request.xkeys is not None:
+            server_key, ours = request.xkeys
+            return xkey.seal(body, ours, server_key)
+        return body

@@ -1,0 +1,188 @@
+"""User records in the `users` bucket: the JSON format, parsed strictly, and subject syntax.
+
+A record is untrusted input as far as this service is concerned: anyone with write access
+to the bucket (or a bug in the control plane) can put anything there. So every field is
+type-checked, every subject validated, and every size bounded; a record that fails any
+check denies its user (fail closed) rather than being "mostly" applied. Unknown fields are
+ignored so the control plane can add its own.
+
+    {"name": str, "admin": bool, "revoked": bool, "account": str | null,
+     "permissions": {"pub": {"allow": [], "deny": []}, "sub": {"allow": [], "deny": []}}}
+
+Missing fields take their defaults (name "", admin false, revoked false, account null =
+the service's --account, no permission lists = the account's defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+MAX_RECORD_BYTES = 64 * 1024
+MAX_SUBJECTS = 1000
+MAX_SUBJECT_LENGTH = 1024
+MAX_NAME_LENGTH = 256
+_WHITESPACE = frozenset(" \t\r\n\f\v")
+
+
+class RecordError(ValueError):
+    """The record (or a permission given on the command line) is invalid; says which field."""
+
+
+def subject_problem(subject: object) -> str | None:
+    """Why `subject` is not a valid NATS permission subject, or None when it is.
+
+    Stricter than the server in one way: no spaces at all, so no queue-group permissions
+    (the server rejects them in publish permissions, protocol.md §3 check 11, and a
+    record that carries one is more likely a mistake than an intent).
+    """
+    if not isinstance(subject, str):
+        return "not a string"
+    if not subject:
+        return "empty"
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        return "too long"
+    if any(ch in _WHITESPACE for ch in subject) or not subject.isprintable():
+        return "contains whitespace or control characters (queue groups are not supported)"
+    tokens = subject.split(".")
+    for i, part in enumerate(tokens):
+        if not part:
+            return "empty token (leading, trailing or double '.')"
+        if ">" in part and (part != ">" or i != len(tokens) - 1):
+            return "'>' must be the whole last token"
+        if "*" in part and part != "*":
+            return "'*' must be a whole token"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def claims(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        if self.allow:
+            out["allow"] = list(self.allow)
+        if self.deny:
+            out["deny"] = list(self.deny)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    pub: Rules = field(default_factory=Rules)
+    sub: Rules = field(default_factory=Rules)
+
+    def claims(self) -> dict[str, Any]:
+        """The user-JWT `nats` fields; empty lists are omitted (= no restriction by us)."""
+        out: dict[str, Any] = {}
+        if pub := self.pub.claims():
+            out["pub"] = pub
+        if sub := self.sub.claims():
+            out["sub"] = sub
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pub": {"allow": list(self.pub.allow), "deny": list(self.pub.deny)},
+            "sub": {"allow": list(self.sub.allow), "deny": list(self.sub.deny)},
+        }
+
+
+UNRESTRICTED = Permissions()
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    name: str = ""
+    admin: bool = False
+    revoked: bool = False
+    account: str | None = None
+    permissions: Permissions = UNRESTRICTED
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "admin": self.admin,
+            "revoked": self.revoked,
+            "account": self.account,
+            "permissions": self.permissions.as_json(),
+        }
+
+
+def _rules(value: object, where: str) -> Rules:
+    if value is None:
+        return Rules()
+    if not isinstance(value, dict):
+        raise RecordError(f"{where} must be an object")
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("allow", "deny"):
+        items = value.get(key, [])
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise RecordError(f"{where}.{key} must be a list")
+        if len(items) > MAX_SUBJECTS:
+            raise RecordError(f"{where}.{key} has more than {MAX_SUBJECTS} subjects")
+        for i, subject in enumerate(items):
+            if (problem := subject_problem(subject)) is not None:
+                raise RecordError(f"{where}.{key}[{i}]: {problem}")
+        lists[key] = tuple(items)
+    return Rules(lists["allow"], lists["deny"])
+
+
+def parse_permissions(value: object, where: str = "permissions") -> Permissions:
+    if value is None:
+        return UNRESTRICTED
+    if not isinstance(value, dict):
+        raise RecordError(f"{where} must be an object")
+    return Permissions(
+        _rules(value.get("pub"), f"{where}.pub"), _rules(value.get("sub"), f"{where}.sub")
+    )
+
+
+def _typed(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = doc.get(key, default)
+    # bool is an int subclass and int is not bool: check exactly, wrong types deny.
+    if value is not default and type(value) is not kind:
+        raise RecordError(f"{key} must be {kind.__name__}")
+    return value
+
+
+def account_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if len(name) > MAX_NAME_LENGTH or not name.isprintable() or any(c in _WHITESPACE for c in name):
+        return "must be printable, without whitespace, at most 256 characters"
+    return None
+
+
+def parse_record(data: bytes) -> UserRecord:
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"record larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise RecordError("record is not JSON") from None
+    if not isinstance(doc, dict):
+        raise RecordError("record is not a JSON object")
+    name = _typed(doc, "name", str, "")
+    if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise RecordError("name must be printable and at most 256 characters")
+    account = doc.get("account")
+    if account is not None and (problem := account_problem(account)) is not None:
+        raise RecordError(f"account {problem}")
+    return UserRecord(
+        name=name,
+        admin=_typed(doc, "admin", bool, False),
+        revoked=_typed(doc, "revoked", bool, False),
+        account=account,
+        permissions=parse_permissions(doc.get("permissions")),
+    )
+
+
+def dump_record(record: UserRecord) -> bytes:
+    return orjson.dumps(record.as_json())
