@@ -1,0 +1,177 @@
+"""The asyncio shell around the decision core: NATS in, store lookups, NATS out.
+
+It owns three promises the core cannot keep by itself:
+- every request is answered exactly once (one publish per message, on every path,
+  exceptions included), except requests the server has certainly given up on;
+- requests are handled concurrently, up to `max_inflight` at once. nats-py runs a
+  subscription's callbacks one after another (protocol.md §9, "Reconnect storms"), so the
+  callback only takes a slot and starts a task;
+- no store lookup outlives its deadline (`Request.deadline`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from callout import log
+from callout.decision import (
+    Authorizer,
+    Decision,
+    Found,
+    Missing,
+    Request,
+    StoreAnswer,
+    TimedOut,
+    Unavailable,
+)
+from callout.store import Store, StoreError
+
+SUBJECT = "$SYS.REQ.USER.AUTH"
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    replies: int = 0
+    dropped: int = 0
+    admitted: int = 0
+    denied: int = 0
+    errors: int = 0
+
+
+@dataclass
+class CalloutService:
+    nc: Client
+    authorizer: Authorizer
+    store: Store
+    queue: str = "callout"
+    max_inflight: int = 256
+    clock: Callable[[], float] = time.time
+    stats: Stats = field(default_factory=Stats)
+    _slots: asyncio.Semaphore = field(init=False)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _sub: Subscription | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_inflight)
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(SUBJECT, queue=self.queue, cb=self._on_message)
+        # The subscription is live on the server once a round trip has passed it.
+        await self.nc.flush()
+        policy = self.authorizer.policy
+        log.info(
+            "ready",
+            subject=SUBJECT,
+            queue=self.queue,
+            mode=policy.mode,
+            account=policy.account,
+            xkey=bool(policy.xkeys),
+            internal_keys=len(policy.internal_keys),
+            max_inflight=self.max_inflight,
+        )
+
+    async def stop(self) -> None:
+        """Stop taking requests and answer every one already taken."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def _on_message(self, msg: Msg) -> None:
+        received = self.clock()
+        self.stats.requests += 1
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle(msg, received))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _handle(self, msg: Msg, received: float) -> None:
+        authorizer = self.authorizer
+        request: Request | None = None
+        try:
+            opened = authorizer.open(msg.data, msg.headers, received)
+            if isinstance(opened, Decision):
+                decision = opened
+            else:
+                request = opened
+                answer = None if request.internal else await self._lookup(request, received)
+                decision = authorizer.decide(request, answer)
+            if decision.drop:
+                self.stats.dropped += 1
+                self._log(decision, received)
+                return
+            body = authorizer.respond(decision, self.clock())
+        except Exception as exc:  # fail closed: a bug must deny, never admit or go silent
+            decision = authorizer.fail(request, f"{type(exc).__name__} in handler")
+            log.error("handler_error", exception=type(exc).__name__, client=decision.client_key)
+            try:
+                body = authorizer.respond(decision, self.clock())
+            except Exception:
+                body = b""  # the empty body is still an immediate deny
+        await self._reply(msg, body)
+        self._log(decision, received)
+
+    async def _lookup(self, request: Request, received: float) -> StoreAnswer:
+        budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
+        if budget <= 0:
+            return TimedOut()
+        try:
+            async with asyncio.timeout(budget):
+                value = await self.store.get(request.client_key)
+        except TimeoutError:
+            return TimedOut()
+        except StoreError as exc:
+            return Unavailable(str(exc))
+        return Missing() if value is None else Found(value)
+
+    async def _reply(self, msg: Msg, body: bytes) -> None:
+        if not msg.reply:
+            log.warning("no_reply_subject", subject=msg.subject)
+            return
+        try:
+            await self.nc.publish(msg.reply, body)
+            self.stats.replies += 1
+        except Exception as exc:
+            # The connection is gone; the server will time the client out. Nothing else to do.
+            self.stats.errors += 1
+            log.error("reply_failed", exception=type(exc).__name__)
+
+    def _log(self, decision: Decision, received: float) -> None:
+        latency_ms = round((self.clock() - received) * 1000, 2)
+        if decision.admit:
+            self.stats.admitted += 1
+        elif not decision.drop:
+            self.stats.denied += 1
+        request = decision.request
+        fields: dict[str, object] = {
+            "client": decision.client_key,
+            "decision": "drop" if decision.drop else "admit" if decision.admit else "deny",
+            "reason": decision.reason,
+            "latency_ms": latency_ms,
+        }
+        if decision.detail:
+            fields["detail"] = decision.detail
+        if decision.admit:
+            fields["account"] = decision.account
+        if request is not None:
+            fields["server"] = request.server_id
+            if request.client_host:
+                fields["host"] = request.client_host
+        log.info("decision", **fields)

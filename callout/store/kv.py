@@ -1,0 +1,171 @@
+"""The JetStream KV `users` bucket: lookups for the service, and management for `callout users`.
+
+Lookups do not use nats-py's KeyValue.get, for two reasons that are both about failing
+closed. nats-py maps "stream not found" (the bucket was deleted) to KeyNotFoundError, i.e.
+to "no record", which in soft mode would admit everyone; and it binds the bucket once, so a
+service started before the bucket existed would need a restart. Instead each lookup is one
+`STREAM.MSG.GET` request for the key's last message, answered by the stream leader (so a
+revocation is seen as soon as it is written, unlike a direct get from a lagging replica),
+and every JetStream error code other than "no message found" is a StoreError.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig, StorageType
+
+from callout.store.base import StoreError
+
+# JetStream API error codes (nats-server server/errors.json).
+_NO_MESSAGE = 10037  # JSNoMessageFoundErr
+_STREAM_NOT_FOUND = 10059  # JSStreamNotFoundErr
+_KV_OPERATION = b"KV-Operation:"
+HISTORY = 5
+
+
+def stream_name(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def _deleted(headers_b64: object) -> bool:
+    """KV deletes and purges are messages with a KV-Operation header (DEL / PURGE)."""
+    if not isinstance(headers_b64, str) or not headers_b64:
+        return False
+    try:
+        headers = base64.b64decode(headers_b64)
+    except (binascii.Error, ValueError):
+        raise StoreError("stream message headers are not base64") from None
+    return _KV_OPERATION.lower() in headers.lower()
+
+
+class KVStore:
+    """`Store` over a KV bucket. Holds no binding: it works from whenever the bucket exists."""
+
+    def __init__(self, nc: Client, bucket: str = "users", request_timeout: float = 5.0) -> None:
+        self._nc = nc
+        self.bucket = bucket
+        self._api = f"$JS.API.STREAM.MSG.GET.{stream_name(bucket)}"
+        self._subject_prefix = f"$KV.{bucket}."
+        self._timeout = request_timeout
+
+    async def get(self, key: str) -> bytes | None:
+        entry = await self.get_entry(key)
+        return None if entry is None else entry[0]
+
+    async def get_entry(self, key: str) -> tuple[bytes, int] | None:
+        """(value, revision) of `key`, None when it has no live value."""
+        request = orjson.dumps({"last_by_subj": self._subject_prefix + key})
+        try:
+            msg = await self._nc.request(self._api, request, timeout=self._timeout)
+        except nats.errors.NoRespondersError:
+            raise StoreError("JetStream is not available (no responders)") from None
+        except nats.errors.TimeoutError:
+            raise StoreError("JetStream did not answer") from None
+        except nats.errors.Error as exc:
+            raise StoreError(f"NATS error: {type(exc).__name__}") from None
+        try:
+            doc: Any = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            raise StoreError("JetStream answered with something that is not JSON") from None
+        if not isinstance(doc, dict):
+            raise StoreError("JetStream answered with something that is not a JSON object")
+        error = doc.get("error")
+        if error is not None:
+            code = error.get("err_code") if isinstance(error, dict) else None
+            if code == _NO_MESSAGE:
+                return None
+            if code == _STREAM_NOT_FOUND:
+                raise StoreError(f"bucket {self.bucket!r} does not exist")
+            description = error.get("description", "") if isinstance(error, dict) else ""
+            raise StoreError(f"JetStream error {code}: {str(description)[:200]}")
+        message = doc.get("message")
+        if not isinstance(message, dict):
+            raise StoreError("JetStream answer has no message")
+        if _deleted(message.get("hdrs")):
+            return None
+        seq = message.get("seq")
+        try:
+            value = base64.b64decode(message.get("data") or "")
+        except (binascii.Error, ValueError, TypeError):
+            raise StoreError("stream message data is not base64") from None
+        return value, seq if isinstance(seq, int) else 0
+
+
+class BucketConfigError(StoreError):
+    """A stream of the bucket's name exists but is not the bucket we expect."""
+
+
+async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
+    """Create the bucket when it is missing (replicas default 1); check it when it exists."""
+    js = nc.jetstream()
+    name = stream_name(bucket)
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket,
+                history=HISTORY,
+                replicas=replicas or 1,
+                storage=StorageType.FILE,
+                description="callout user records (key: user public nkey)",
+            )
+        )
+        return
+    except nats.js.errors.ServiceUnavailableError:
+        raise StoreError("JetStream is not enabled for this account") from None
+    except nats.errors.NoRespondersError:
+        raise StoreError("JetStream is not available (no responders)") from None
+    subjects = list(info.config.subjects or [])
+    if subjects != [f"$KV.{bucket}.>"]:
+        raise BucketConfigError(
+            f"stream {name} exists but is not a KV bucket (subjects {subjects});"
+            " pick another --users-bucket"
+        )
+    have = info.config.num_replicas or 1
+    if replicas is not None and have != replicas:
+        raise BucketConfigError(
+            f"bucket {bucket!r} has {have} replica(s), --replicas asks for {replicas};"
+            " change it with the nats CLI (nats stream edit) or drop --replicas"
+        )
+
+
+async def create(nc: Client, bucket: str, key: str, value: bytes) -> bool:
+    """Write a new key; False when it already has a live value."""
+    kv = await nc.jetstream().key_value(bucket)
+    try:
+        await kv.create(key, value)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def update(nc: Client, bucket: str, key: str, value: bytes, revision: int) -> bool:
+    """Compare-and-set: False when the key changed since `revision` (someone else wrote)."""
+    kv = await nc.jetstream().key_value(bucket)
+    try:
+        await kv.update(key, value, last=revision)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def entries(nc: Client, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
+    kv = await nc.jetstream().key_value(bucket)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return
+    store = KVStore(nc, bucket)
+    for key in sorted(keys):
+        value = await store.get(key)
+        if value is not None:
+            yield key, value

@@ -1,0 +1,25 @@
+"""An in-memory store for unit tests: same interface, with switches to make it fail."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from callout.store.base import StoreError
+
+
+@dataclass
+class MemoryStore:
+    records: dict[str, bytes] = field(default_factory=dict)
+    # Fault switches: raise StoreError, or wait this long before answering.
+    error: str | None = None
+    delay: float = 0.0
+    lookups: int = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.lookups += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise StoreError(self.error)
+        return self.records.get(key)
