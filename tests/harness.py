@@ -616,7 +616,7 @@ async def next_event(
     queue: asyncio.Queue[dict[str, Any]],
     predicate: Callable[[dict[str, Any]], bool] | None = None,
     *,
-    timeout: float = 5.0,  # noqa: ASYNC109
+    timeout: float = 5.0,
 ) -> dict[str, Any]:
     """Next event (matching ``predicate``) from an ``auth_errors`` queue."""
 
@@ -686,7 +686,7 @@ class RawConn:
         data = await self.reader.readexactly(size + 2)
         return data[:-2]
 
-    async def _roundtrip(self, timeout: float) -> str | None:  # noqa: ASYNC109
+    async def _roundtrip(self, timeout: float) -> str | None:
         """Read until PONG; returns the first -ERR seen (None if none).
 
         A fatal -ERR is followed by close: then EOF ends the wait.
@@ -729,7 +729,7 @@ class RawConn:
         await asyncio.wait_for(loop(), timeout)
         return first_err
 
-    async def ping(self, timeout: float = 5.0) -> str | None:  # noqa: ASYNC109
+    async def ping(self, timeout: float = 5.0) -> str | None:
         """PING round trip; returns any -ERR text received before the PONG."""
         self.writer.write(b"PING\r\n")
         await self.writer.drain()
@@ -741,7 +741,7 @@ class RawConn:
         payload: bytes | str = b"",
         *,
         reply: str | None = None,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> str | None:
         """PUB then PING; returns the -ERR text (e.g. ``Permissions Violation for
         Publish to "x"``) or None if the server answered PONG without error."""
@@ -756,7 +756,7 @@ class RawConn:
         subject: str,
         queue: str | None = None,
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> tuple[str, str | None]:
         """SUB then PING; returns ``(sid, -ERR text or None)``."""
         sid = str(self._next_sid)
@@ -804,7 +804,7 @@ async def raw_connect(
     sign_nonce_override: bytes | None = None,
     connect_extra: Mapping[str, Any] | None = None,
     keep_open: bool = False,
-    timeout: float = 5.0,  # noqa: ASYNC109
+    timeout: float = 5.0,
 ) -> RawResult:
     """Connect by hand and report whether the server admitted the client.
 

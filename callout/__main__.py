@@ -1,0 +1,3 @@
+from callout.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Running the callout service in tests: in-process (fast, lets a test swap the store) and as
+a subprocess (`python -m callout serve`, for kill/restart and CLI-contract tests).
+
+Both wait for the service's own "ready" signal (the subscription is live on the server),
+never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nats
+import orjson
+from nats.aio.client import Client
+
+from callout.decision import Authorizer, Policy
+from callout.keys import CurveKey, KeyKind, SigningKey
+from callout.records import Permissions
+from callout.service import CalloutService
+from callout.store import Store
+from callout.store.kv import KVStore
+from tests.harness import Keys, NatsServer
+
+APP = "APP"
+
+
+def policy_for(keys: Keys, **overrides: Any) -> Policy:
+    xkey = overrides.pop("xkey", False)
+    base: dict[str, Any] = {
+        "issuer": SigningKey.from_seed(keys.issuer_seed),
+        "account": APP,
+        "allowed_accounts": frozenset({APP}),
+        "xkeys": (CurveKey.from_seed(keys.xkey_seed),) if xkey else (),
+        "forbidden_accounts": frozenset({"SYS", "$SYS", "AUTH"}),
+    }
+    base.update(overrides)
+    return Policy(**base)
+
+
+@dataclass
+class InProcess:
+    service: CalloutService
+    nc: Client
+
+    async def stop(self) -> None:
+        await self.service.stop()
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+
+async def start_in_process(
+    server: NatsServer,
+    keys: Keys,
+    *,
+    store: Store | None = None,
+    bucket: str = "users",
+    max_inflight: int = 64,
+    **policy: Any,
+) -> InProcess:
+    nc = await nats.connect(
+        server.url,
+        nkeys_seed_str=keys.service_seed,
+        name="callout-test",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+    )
+    service = CalloutService(
+        nc,
+        Authorizer(policy_for(keys, **policy)),
+        store if store is not None else KVStore(nc, bucket),
+        max_inflight=max_inflight,
+    )
+    await service.start()
+    return InProcess(service, nc)
+
+
+def write_seed(path: Path, seed: str) -> Path:
+    path.write_text(seed + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def seed_files(keys: Keys, directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "service": write_seed(directory / "service.nk", keys.service_seed),
+        "issuer": write_seed(directory / "issuer.nk", keys.issuer_seed),
+        "xkey": write_seed(directory / "xkey.nk", keys.xkey_seed),
+    }
+
+
+@dataclass
+class Subprocess:
+    """`python -m callout serve` with its JSON log lines collected as they arrive."""
+
+    proc: subprocess.Popen[bytes]
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in iter(self.proc.stderr.readline, b""):
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                self.raw.append(text)
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    doc = orjson.loads(text)
+                    if isinstance(doc, dict):
+                        self.lines.append(doc)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 15.0, **match: Any) -> dict[str, Any]:
+        """Block until a log line with this event (and fields) appears; the process's own signal."""
+
+        def found() -> dict[str, Any] | None:
+            for doc in self.lines:
+                if doc.get("event") == event and all(doc.get(k) == v for k, v in match.items()):
+                    return doc
+            return None
+
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: found() is not None or self.proc.poll() is not None, timeout
+            )
+            doc = found()
+        if doc is None:
+            state = "exited" if self.proc.poll() is not None else "timed out"
+            tail = "\n".join(self.raw[-20:])
+            raise AssertionError(f"no {event!r} log line ({state}, ok={ok}); stderr tail:\n{tail}")
+        return doc
+
+    async def await_event(
+        self,
+        event: str,
+        timeout: float = 15.0,
+        **match: Any,
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(self.wait_for, event, timeout, **match)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [d for d in self.lines if d.get("event") == event]
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait(10)
+
+
+def callout_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "callout", *args]
+
+
+def spawn(
+    args: Sequence[str], env: dict[str, str] | None = None, stdin: Literal["devnull"] = "devnull"
+) -> Subprocess:
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        callout_cmd(*args),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=full_env,
+    )
+    handle = Subprocess(proc)
+    threading.Thread(target=handle._pump, daemon=True).start()
+    return handle
+
+
+def serve_args(
+    server: NatsServer, files: dict[str, Path], *extra: str, xkey: bool = False
+) -> list[str]:
+    args = [
+        "serve",
+        "--nats-url", server.url,
+        "--nkey-seed-file", str(files["service"]),
+        "--issuer-seed-file", str(files["issuer"]),
+        "--account", APP,
+    ]  # fmt: skip
+    if xkey:
+        args += ["--xkey-seed-file", str(files["xkey"])]
+    return [*args, *extra]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        callout_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def record(
+    name: str = "user",
+    *,
+    admin: bool = False,
+    revoked: bool = False,
+    account: str | None = None,
+    pub_allow: Sequence[str] = (),
+    pub_deny: Sequence[str] = (),
+    sub_allow: Sequence[str] = (),
+    sub_deny: Sequence[str] = (),
+) -> bytes:
+    return orjson.dumps(
+        {
+            "name": name,
+            "admin": admin,
+            "revoked": revoked,
+            "account": account,
+            "permissions": {
+                "pub": {"allow": list(pub_allow), "deny": list(pub_deny)},
+                "sub": {"allow": list(sub_allow), "deny": list(sub_deny)},
+            },
+        }
+    )
+
+
+async def users_bucket(nc: Client, bucket: str = "users") -> Any:
+    """The users bucket through plain nats-py (independent of callout's own store code)."""
+    js = nc.jetstream()
+    try:
+        return await js.key_value(bucket)
+    except Exception:
+        return await js.create_key_value(bucket=bucket, history=5)
+
+
+__all__ = [
+    "APP",
+    "InProcess",
+    "KeyKind",
+    "Permissions",
+    "Subprocess",
+    "callout_cmd",
+    "policy_for",
+    "record",
+    "run_cli",
+    "seed_files",
+    "serve_args",
+    "spawn",
+    "start_in_process",
+    "users_bucket",
+    "write_seed",
+]
