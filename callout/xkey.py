@@ -35,6 +35,22 @@ def server_key(header_value: str) -> nacl.public.PublicKey:
         raise XkeyError(f"{HEADER} header: {exc}") from None
 
 
+# A Box precomputes the X25519 shared key: the costly part. The server's key only changes
+# when a server restarts, so boxes are kept per (our key, server key), a few per cluster.
+_BOXES: dict[tuple[str, bytes], nacl.public.Box] = {}
+_MAX_BOXES = 256
+
+
+def _box(key: CurveKey, peer: nacl.public.PublicKey) -> nacl.public.Box:
+    index = (key.public, bytes(peer))
+    box = _BOXES.get(index)
+    if box is None:
+        if len(_BOXES) >= _MAX_BOXES:
+            _BOXES.clear()
+        box = _BOXES[index] = nacl.public.Box(key.private, peer)
+    return box
+
+
 def open_box(
     payload: bytes, sender: nacl.public.PublicKey, keys: tuple[CurveKey, ...]
 ) -> tuple[bytes, CurveKey]:
@@ -45,7 +61,7 @@ def open_box(
     nonce, box = payload[len(MAGIC) : len(MAGIC) + _NONCE], payload[len(MAGIC) + _NONCE :]
     for key in keys:
         try:
-            return nacl.public.Box(key.private, sender).decrypt(box, nonce), key
+            return _box(key, sender).decrypt(box, nonce), key
         except nacl.exceptions.CryptoError:
             continue
     raise XkeyError("box does not open with any configured xkey (wrong key, or tampered)")
@@ -53,6 +69,4 @@ def open_box(
 
 def seal(plaintext: bytes, key: CurveKey, recipient: nacl.public.PublicKey) -> bytes:
     # PyNaCl's EncryptedMessage is already nonce || ciphertext, the layout after the magic.
-    return MAGIC + bytes(
-        nacl.public.Box(key.private, recipient).encrypt(plaintext, nacl.utils.random(_NONCE))
-    )
+    return MAGIC + bytes(_box(key, recipient).encrypt(plaintext, nacl.utils.random(_NONCE)))
