@@ -468,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(result)
     except (UserError, SeedFileError, KeyError_, RecordError, StoreError) as exc:
         print(f"callout: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UserError | SeedFileError | KeyError_) else 1
+        usage = UserError | SeedFileError | KeyError_ | RecordError | kvstore.BucketConfigError
+        return 2 if isinstance(exc, usage) else 1
     except KeyboardInterrupt:
         return 130
 
