@@ -194,14 +194,18 @@ class SeenRequests:
 
     def first_sight(self, server_id: str, user_nkey: str, until: float, now: float) -> bool:
         entries = self._entries
+        key = (server_id, user_nkey)
+        # Entries are inserted in time order (give or take a second), so expired ones are at
+        # the front; a seen key is only "seen" while it has not expired.
         while entries:
             oldest_key, oldest_until = next(iter(entries.items()))
-            if oldest_until >= now and len(entries) < self.capacity:
+            if oldest_until >= now:
                 break
             del entries[oldest_key]
-        key = (server_id, user_nkey)
         if key in entries:
             return False
+        while len(entries) >= self.capacity:
+            entries.popitem(last=False)
         entries[key] = until
         return True
 

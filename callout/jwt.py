@@ -84,7 +84,8 @@ def decode(token: bytes, issuer_kind: KeyKind) -> Token:
         raise TokenError("segment is not JSON") from None
     if not isinstance(header, dict) or header.get("typ") != "JWT":
         raise TokenError("header typ is not JWT")
-    if header.get("alg") not in _ALGS:
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in _ALGS:
         raise TokenError("header alg is not ed25519-nkey")
     if not isinstance(claims, dict):
         raise TokenError("claims are not a JSON object")

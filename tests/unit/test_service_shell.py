@@ -1,0 +1,507 @@
+"""callout.service, the asyncio shell, driven without NATS: a fake connection that records
+publishes, `MemoryStore` (or a gated store) and a fixed clock. What it must promise:
+exactly one reply per message (none for dead requests), a deny on every failure path,
+no store lookup past its deadline, and no more than `max_inflight` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import nkeys
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from callout import decision as d
+from callout.decision import Authorizer, Decision, Request, StoreAnswer
+from callout.service import SUBJECT, CalloutService
+from callout.store import StoreError
+from callout.store.memory import MemoryStore
+from tests.harness import Keys, make_keys, new_curve
+from tests.service import policy_for, record
+from tests.unit import forge
+from tests.unit.forge import DELETE, ClientKey, Forged, ServerIdentity
+
+NOW = 1_800_000_000.0
+
+
+class FakeNC:
+    """Stands in for the nats-py Client: records every publish, in order, in `events`."""
+
+    def __init__(self, events: list[str], fail: bool = False) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.events = events
+        self.fail = fail
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None
+    ) -> None:
+        self.events.append("publish")
+        if self.fail:
+            raise ConnectionError("connection closed")
+        self.published.append((subject, payload))
+
+
+@dataclass
+class Clock:
+    now: float = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GatedStore:
+    """A store whose lookups wait for `gate`; counts how many are in flight at once."""
+
+    def __init__(self, events: list[str], records: dict[str, bytes] | None = None) -> None:
+        self.events = events
+        self.records = records or {}
+        self.gate = asyncio.Event()
+        self.active = 0
+        self.max_active = 0
+        self.calls = 0
+        self.reached: dict[int, asyncio.Event] = {}
+
+    def when_active(self, n: int) -> asyncio.Event:
+        return self.reached.setdefault(n, asyncio.Event())
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.when_active(self.active).set()
+        self.events.append("store_called")
+        try:
+            await self.gate.wait()
+            self.events.append("store_answered")
+            return self.records.get(key)
+        except asyncio.CancelledError:
+            self.events.append("store_cancelled")
+            raise
+        finally:
+            self.active -= 1
+
+
+class RaisingStore:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.calls = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        raise self.exc
+
+
+@dataclass
+class Env:
+    keys: Keys
+    server: ServerIdentity
+    client: ClientKey
+    service: CalloutService
+    nc: FakeNC
+    store: Any
+    clock: Clock
+    events: list[str] = field(default_factory=list)
+    _n: int = 0
+
+    def forge(self, **kwargs: Any) -> Forged:
+        kwargs.setdefault("client", self.client)
+        kwargs.setdefault("now", self.clock.now)
+        return forge.forge_request(self.server, self.keys.issuer_pub, **kwargs)
+
+    def msg(self, forged: Forged | bytes, reply: str | None = None) -> Msg:
+        self._n += 1
+        payload, headers = (
+            (forged, None) if isinstance(forged, bytes) else (forged.payload, forged.headers)
+        )
+        return Msg(
+            _client=cast(Client, self.nc),
+            subject=SUBJECT,
+            reply=reply if reply is not None else f"$SYS._INBOX.abcdef.{self._n:08d}",
+            data=payload,
+            headers=headers,
+        )
+
+    async def handle(self, msg: Msg, received: float | None = None) -> None:
+        """One request straight through `_handle`, bounded so a hang fails instead of waits."""
+        await asyncio.wait_for(
+            self.service._handle(msg, self.clock.now if received is None else received), 10
+        )
+
+    def reply_claims(self, body: bytes, forged: Forged) -> dict[str, Any]:
+        claims = forge.decode_jwt(body, nkeys.PREFIX_BYTE_ACCOUNT)
+        assert claims["iss"] == self.keys.issuer_pub
+        assert claims["sub"] == forged.user_nkey
+        assert claims["aud"] == self.server.public
+        return claims
+
+    def only_reply(self, msg: Msg) -> bytes:
+        assert [subject for subject, _ in self.nc.published] == [msg.reply]
+        return self.nc.published[0][1]
+
+    def error_of(self, msg: Msg, forged: Forged) -> str:
+        nats = self.reply_claims(self.only_reply(msg), forged)["nats"]
+        assert "jwt" not in nats, "an admit"
+        error: str = nats["error"]
+        return error
+
+
+def make_env(
+    store: Any = None,
+    *,
+    authorizer: type[Authorizer] = Authorizer,
+    max_inflight: int = 16,
+    fail_publish: bool = False,
+    records: dict[str, bytes] | None = None,
+    **policy: Any,
+) -> Env:
+    keys = make_keys()
+    client = ClientKey.generate()
+    events: list[str] = []
+    nc = FakeNC(events, fail=fail_publish)
+    clock = Clock()
+    if store is None:
+        store = MemoryStore(records={client.public: record("alice", pub_allow=["a.>"])})
+    if records:
+        store.records.update(records)
+    service = CalloutService(
+        cast(Client, nc),
+        authorizer(policy_for(keys, **policy)),
+        store,
+        max_inflight=max_inflight,
+        clock=clock,
+    )
+    return Env(keys, ServerIdentity.generate(), client, service, nc, store, clock, events)
+
+
+# ---------------------------------------------------------------------------------------------
+# the happy path, for reference
+# ---------------------------------------------------------------------------------------------
+async def test_known_user_admitted_with_one_reply() -> None:
+    env = make_env()
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    claims = env.reply_claims(env.only_reply(msg), forged)
+    user = forge.decode_jwt(claims["nats"]["jwt"], nkeys.PREFIX_BYTE_ACCOUNT)
+    assert user["sub"] == forged.user_nkey and user["name"] == "alice"
+    assert user["nats"]["pub"] == {"allow": ["a.>"]}
+    assert env.store.lookups == 1
+    stats = env.service.stats
+    assert (stats.replies, stats.admitted, stats.denied, stats.dropped) == (1, 1, 0, 0)
+
+
+async def test_internal_key_is_never_looked_up() -> None:
+    client = ClientKey.generate()
+    env = make_env(internal_keys=(client.public,))
+    env.client = client
+    forged = env.forge()
+    msg = env.msg(forged)
+    env.store.error = "store is down"  # irrelevant for internal keys
+    await env.handle(msg)
+    claims = env.reply_claims(env.only_reply(msg), forged)
+    assert "jwt" in claims["nats"]
+    assert env.store.lookups == 0
+
+
+async def test_unknown_user_is_denied_once() -> None:
+    env = make_env(store=MemoryStore())
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.UNKNOWN_USER
+    assert env.service.stats.denied == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the store failing
+# ---------------------------------------------------------------------------------------------
+async def test_store_error_is_one_store_unavailable_reply() -> None:
+    env = make_env()
+    env.store.error = "JetStream is not available (no responders)"
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.STORE_UNAVAILABLE
+    assert env.store.lookups == 1
+    assert env.service.stats.denied == 1 and env.service.stats.admitted == 0
+
+
+async def test_slow_store_is_a_store_timeout_reply() -> None:
+    env = make_env(backend_timeout=0.05)
+    env.store.delay = 60.0  # far longer than the test is allowed to take (handle: 10 s bound)
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.STORE_TIMEOUT
+    assert env.store.lookups == 1
+
+
+async def test_store_timeout_reply_goes_out_at_the_deadline_not_after_the_store() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, backend_timeout=0.05)
+    env.events = events
+    env.nc.events = events
+    env.store.records[env.client.public] = record("alice")
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    # The store never answered: the lookup was abandoned at the deadline, then the deny sent.
+    assert events == ["store_called", "store_cancelled", "publish"]
+    assert not store.gate.is_set()
+    assert env.error_of(msg, forged) == d.STORE_TIMEOUT
+
+
+async def test_deadline_is_the_request_exp_when_that_comes_first() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, backend_timeout=3600.0)  # only exp can end this lookup in time
+    env.nc.events = events
+    forged = env.forge(timeout=2.0)
+    env.clock.now = forged.claims["exp"] - 0.05  # the server gives up in 50 ms
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert events == ["store_called", "store_cancelled", "publish"]
+    assert env.error_of(msg, forged) == d.STORE_TIMEOUT
+
+
+async def test_no_lookup_once_the_deadline_has_passed() -> None:
+    env = make_env(backend_timeout=1.0)
+    forged = env.forge(timeout=10.0)
+    msg = env.msg(forged)
+    # Received 2 s ago (e.g. waiting for a slot): the 1 s budget is spent before the lookup.
+    await env.handle(msg, received=env.clock.now - 2.0)
+    assert env.store.lookups == 0
+    assert env.error_of(msg, forged) == d.STORE_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------
+# exceptions: one reply, internal_error, never an admit
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("bug"), KeyError("k"), ValueError("v"), ZeroDivisionError()]
+)
+async def test_exception_in_the_store(exc: Exception) -> None:
+    env = make_env(RaisingStore(exc))
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.INTERNAL_ERROR
+    assert env.service.stats.admitted == 0 and env.service.stats.denied == 1
+
+
+async def test_store_error_subclass_is_unavailable_not_internal() -> None:
+    env = make_env(RaisingStore(StoreError("bucket 'users' does not exist")))
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.STORE_UNAVAILABLE
+
+
+class DecideRaises(Authorizer):
+    def decide(self, request: Request, answer: StoreAnswer | None) -> Decision:
+        raise RuntimeError("bug in decide")
+
+
+class OpenRaises(Authorizer):
+    def open(self, payload: bytes, headers: Any, now: float) -> Request | Decision:
+        raise RuntimeError("bug in open")
+
+
+class AdmitRespondRaises(Authorizer):
+    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
+        if decision.admit:
+            raise RuntimeError("bug while building the user JWT")
+        return Authorizer.respond(self, decision, now, jitter)
+
+
+class RespondAlwaysRaises(Authorizer):
+    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
+        raise RuntimeError("bug in respond")
+
+
+async def test_exception_in_decide_is_internal_error() -> None:
+    env = make_env(authorizer=DecideRaises)
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.INTERNAL_ERROR
+
+
+async def test_exception_while_admitting_is_a_deny() -> None:
+    env = make_env(authorizer=AdmitRespondRaises)
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    assert env.error_of(msg, forged) == d.INTERNAL_ERROR
+    assert env.service.stats.admitted == 0
+
+
+@pytest.mark.parametrize("authorizer", [OpenRaises, RespondAlwaysRaises])
+async def test_exception_without_an_addressable_answer_is_an_empty_reply(
+    authorizer: type[Authorizer],
+) -> None:
+    env = make_env(authorizer=authorizer)
+    msg = env.msg(env.forge())
+    await env.handle(msg)
+    assert env.only_reply(msg) == b""  # the server's immediate deny (protocol.md §3 check 1)
+    assert env.service.stats.admitted == 0 and env.service.stats.denied == 1
+
+
+async def test_publish_failure_is_counted_not_raised() -> None:
+    env = make_env(fail_publish=True)
+    msg = env.msg(env.forge())
+    await env.handle(msg)
+    assert env.events == ["publish"]
+    assert env.service.stats.errors == 1 and env.service.stats.replies == 0
+
+
+async def test_message_without_reply_subject_is_not_answered() -> None:
+    env = make_env()
+    msg = env.msg(env.forge(), reply="")
+    await env.handle(msg)
+    assert env.nc.published == [] and env.service.stats.replies == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# dead requests
+# ---------------------------------------------------------------------------------------------
+async def test_expired_request_is_dropped_without_reply_or_lookup() -> None:
+    env = make_env()
+    forged = env.forge(now=NOW - 10)  # exp = NOW - 8
+    await env.service._on_message(env.msg(forged))
+    await env.service.stop()
+    assert env.nc.published == []
+    stats = env.service.stats
+    assert (stats.requests, stats.dropped, stats.replies, stats.denied) == (1, 1, 0, 0)
+    assert env.store.lookups == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrency
+# ---------------------------------------------------------------------------------------------
+async def _spin(turns: int = 50) -> None:
+    """Let every runnable task run (no time passes: sleep(0) only yields)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_max_inflight_is_respected() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, max_inflight=2)
+    env.nc.events = events
+    forged = [env.forge() for _ in range(5)]
+    store.records[env.client.public] = record("alice")
+    msgs = [env.msg(f) for f in forged]
+
+    async def feed() -> None:  # as nats-py does: one callback at a time
+        for m in msgs:
+            await env.service._on_message(m)
+
+    feeder = asyncio.create_task(feed())
+    await asyncio.wait_for(store.when_active(2).wait(), 10)
+    await _spin()
+    assert store.active == 2 and store.calls == 2
+    assert env.service.inflight == 2
+    assert env.service.stats.requests == 3  # the third waits for a slot
+    assert not feeder.done()
+    assert env.nc.published == []
+
+    store.gate.set()
+    await asyncio.wait_for(feeder, 10)
+    await asyncio.wait_for(env.service.stop(), 10)
+    assert store.max_active == 2 and store.calls == 5
+    assert Counter(subject for subject, _ in env.nc.published) == Counter(m.reply for m in msgs)
+    assert env.service.stats.admitted == 5 and env.service.inflight == 0
+
+
+async def test_requests_are_handled_concurrently() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, max_inflight=64)
+    msgs = [env.msg(env.forge()) for _ in range(10)]
+    for m in msgs:
+        await env.service._on_message(m)  # returns at once: the work runs in its own task
+    await asyncio.wait_for(store.when_active(10).wait(), 10)
+    assert env.service.inflight == 10
+    store.gate.set()
+    await asyncio.wait_for(env.service.stop(), 10)
+    assert len(env.nc.published) == 10
+
+
+async def test_every_message_gets_exactly_one_publish() -> None:
+    internal = ClientKey.generate()
+    revoked = ClientKey.generate()
+    broken = ClientKey.generate()
+    unknown = ClientKey.generate()
+
+    class PickyStore(MemoryStore):
+        async def get(self, key: str) -> bytes | None:
+            if key == broken.public:
+                raise RuntimeError("driver bug")
+            return await super().get(key)
+
+    store = PickyStore()
+    env = make_env(store, internal_keys=(internal.public,))
+    store.records[env.client.public] = record("alice")
+    store.records[revoked.public] = record("old", revoked=True)
+    replayed = env.forge()
+    inputs: list[tuple[Forged | bytes, str]] = [
+        (env.forge(), d.ADMIT),
+        (env.forge(client=internal), d.ADMIT_INTERNAL),
+        (env.forge(client=unknown), d.UNKNOWN_USER),
+        (env.forge(client=revoked), d.REVOKED),
+        (env.forge(client=broken), d.INTERNAL_ERROR),
+        (env.forge(overrides={"nats": {"connect_opts": {"sig": DELETE}}}), d.NO_SIGNATURE),
+        (env.forge(client=None), d.NO_NKEY),
+        (replayed, d.ADMIT),
+        (replayed, d.REPLAY),
+        (env.forge(seal_to=new_curve()[1]), d.XKEY_UNEXPECTED),
+        (b"garbage", d.MALFORMED),
+        (b"x" * (d.MAX_REQUEST_BYTES + 1), d.OVERSIZE),
+    ]
+    msgs = [env.msg(item) for item, _ in inputs]
+    for m in msgs:
+        await env.service._on_message(m)
+    await asyncio.wait_for(env.service.stop(), 10)
+
+    published = Counter(subject for subject, _ in env.nc.published)
+    assert published == Counter(m.reply for m in msgs)
+    assert all(count == 1 for count in published.values())
+    bodies = dict(env.nc.published)
+    for m, (item, reason) in zip(msgs, inputs, strict=True):
+        body = bodies[m.reply]
+        if isinstance(item, bytes) or reason == d.XKEY_UNEXPECTED:
+            assert body == b"", reason
+            continue
+        nats = env.reply_claims(body, item)["nats"]
+        if reason in d.ADMIT_REASONS:
+            assert "jwt" in nats, reason
+        else:
+            assert nats.get("error") == reason
+    stats = env.service.stats
+    assert stats.requests == stats.replies == len(msgs)
+    assert stats.admitted == 3 and stats.denied == len(msgs) - 3
+    assert env.service.inflight == 0
+
+
+async def test_stop_answers_what_was_taken() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store)
+    msgs = [env.msg(env.forge()) for _ in range(3)]
+    for m in msgs:
+        await env.service._on_message(m)
+    await asyncio.wait_for(store.when_active(3).wait(), 10)
+    stopping = asyncio.create_task(env.service.stop())
+    await _spin()
+    assert not stopping.done()  # waits for the three in flight
+    store.gate.set()
+    await asyncio.wait_for(stopping, 10)
+    assert len(env.nc.published) == 3
