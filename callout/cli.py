@@ -82,32 +82,52 @@ async def connect(
     reconnect: bool,
     callbacks: dict[str, Callable[..., Awaitable[None]]] | None = None,
 ) -> Client:
+    """Connect, or fail with one line. The first connect tries each server twice and gives up
+    (nats-py would otherwise retry forever); after it succeeds, a reconnecting client
+    (`reconnect=True`) keeps trying for as long as the process runs."""
+    callbacks = dict(callbacks or {})
+    connected = False
+    report = callbacks.pop("error_cb", None)
+    attempts: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        # Connection attempts before the first success are summed up by the one-line error.
+        if not connected:
+            attempts.append(exc)
+        elif report is not None:
+            await report(exc)
+
     options: dict[str, Any] = {
         "servers": _urls(urls),
         "name": name,
         "connect_timeout": 3,
         "allow_reconnect": reconnect,
-        "max_reconnect_attempts": -1 if reconnect else 0,
+        "max_reconnect_attempts": 1,
         "reconnect_time_wait": 0.5,
+        "error_cb": on_error,
+        **callbacks,
     }
     if seed is not None:
         options["nkeys_seed_str"] = seed.seed
-    options.update(callbacks or {})
-    if "error_cb" not in options:
-
-        async def quiet(exc: Exception) -> None:
-            log.debug("nats_error", exception=type(exc).__name__)
-
-        options["error_cb"] = quiet
     try:
-        return await nats.connect(**options)
+        nc = await nats.connect(**options)
     except nats.errors.NoServersError:
-        fail(f"cannot connect to NATS at {urls}")
+        last = f": {_describe(attempts[-1])}" if attempts else ""
+        fail(f"cannot connect to NATS at {urls}{last}")
     except nats.errors.Error as exc:
-        text = str(exc) or type(exc).__name__
-        fail(f"cannot connect to NATS at {urls}: {text}")
+        fail(f"cannot connect to NATS at {urls}: {_describe(exc)}")
     except OSError as exc:
-        fail(f"cannot connect to NATS at {urls}: {exc.strerror or exc}")
+        fail(f"cannot connect to NATS at {urls}: {_describe(exc)}")
+    connected = True
+    if reconnect:
+        nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).strip() or type(exc).__name__
 
 
 def _permissions_json(text: str | None, flag: str) -> Permissions:
@@ -179,6 +199,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     service = CalloutService(
         nc, Authorizer(policy), store, queue=args.queue_group, max_inflight=args.max_inflight
     )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
     await service.start()
     # Tell the operator now, not at the first denied user, that the store is not there.
     # The service serves on regardless: internal keys do not need the store.
@@ -187,11 +212,6 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
             await store.get(service_key.public)
     except (StoreError, TimeoutError) as exc:
         log.warning("store_unavailable", bucket=args.users_bucket, detail=str(exc) or "timeout")
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping", inflight=service.inflight)
     await service.stop()
@@ -401,7 +421,7 @@ async def try_connect(args: argparse.Namespace) -> int:
             nkeys_seed_str=seed.seed,
             connect_timeout=5,
             allow_reconnect=False,
-            max_reconnect_attempts=0,
+            max_reconnect_attempts=1,
             error_cb=_ignore,
         )
     except Exception as exc:

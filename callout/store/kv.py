@@ -110,15 +110,20 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                history=HISTORY,
-                replicas=replicas or 1,
-                storage=StorageType.FILE,
-                description="callout user records (key: user public nkey)",
+        try:
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=HISTORY,
+                    replicas=replicas or 1,
+                    storage=StorageType.FILE,
+                    description="callout user records (key: user public nkey)",
+                )
             )
-        )
+        except nats.js.errors.APIError as exc:
+            raise BucketConfigError(
+                f"cannot create bucket {bucket!r}: {exc.description or exc.code}"
+            ) from None
         return
     except nats.js.errors.ServiceUnavailableError:
         raise StoreError("JetStream is not enabled for this account") from None

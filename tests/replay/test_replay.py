@@ -1,0 +1,325 @@
+"""Requests recorded from the real nats-server 2.15.1 (plain and xkey-encrypted), replayed
+through the sans-I/O core with the recorded arrival time as a fixed clock.
+
+The data comes from ``tests/replay/record.py`` (run by hand; see its docstring). Each case
+holds the exact payload and headers the service received, the store contents to answer
+with, and the decision the issue's rules demand. The responses are decoded here with an
+independent JWT/nkey decoder (PyNaCl + base32, not ``callout.jwt``), so a bug shared by the
+encoder and the decoder in ``callout`` cannot hide.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+import nkeys
+import orjson
+import pytest
+
+from callout.decision import Authorizer, Decision, Found, Missing, Policy, StoreAnswer
+from callout.keys import CurveKey, SigningKey
+from tests.harness import decode_curve_public, decode_curve_seed, new_curve
+
+HERE = Path(__file__).resolve().parent
+CASES = HERE / "cases"
+KEYS: dict[str, Any] = json.loads((HERE / "keys.json").read_text())
+CASE_FILES = sorted(CASES.glob("*.json"))
+XKEY_HEADER = "Nats-Server-Xkey"
+
+
+# ---------------------------------------------------------------------------------------------
+# an independent decoder (nkeys base32 + CRC16, Ed25519 via PyNaCl)
+# ---------------------------------------------------------------------------------------------
+_PREFIX = {"A": 0, "N": 13 << 3, "U": 20 << 3}
+
+
+def public_raw(key: str, letter: str) -> bytes:
+    raw = base64.b32decode(key + "=" * (-len(key) % 8))
+    body, crc = raw[:-2], raw[-2:]
+    assert bytes(nkeys.crc16_checksum(body)) == crc, f"bad checksum in {key}"
+    assert body[0] == _PREFIX[letter], f"{key} is not a {letter} key"
+    assert len(body) == 33
+    return body[1:]
+
+
+def b64url(segment: bytes) -> bytes:
+    assert b"=" not in segment, "JWT segments are unpadded"
+    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+
+
+def decode_jwt(token: bytes, issuer_letter: str) -> dict[str, Any]:
+    """Claims of a NATS JWT after checking its header and its signature by `iss`."""
+    parts = token.split(b".")
+    assert len(parts) == 3
+    assert json.loads(b64url(parts[0])) == {"typ": "JWT", "alg": "ed25519-nkey"}
+    claims: dict[str, Any] = json.loads(b64url(parts[1]))
+    verify_key = nacl.signing.VerifyKey(public_raw(claims["iss"], issuer_letter))
+    verify_key.verify(parts[0] + b"." + parts[1], b64url(parts[2]))  # raises if forged
+    return claims
+
+
+def server_box(headers: dict[str, str]) -> nacl.public.Box:
+    """Our xkey with the server's: opens what the server sealed to us and what we sealed to it
+    (a NaCl box key is the X25519 shared secret, the same from both sides)."""
+    ours = nacl.public.PrivateKey(decode_curve_seed(KEYS["xkey_seed"]))
+    return nacl.public.Box(ours, nacl.public.PublicKey(decode_curve_public(headers[XKEY_HEADER])))
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    name: str
+    client: str
+    payload: bytes
+    headers: dict[str, str] | None
+    received_at: float
+    encrypted: bool
+    users: dict[str, dict[str, Any] | None]
+    expect: dict[str, Any]
+
+    @property
+    def request(self) -> dict[str, Any]:
+        """The request's claims, decrypted and verified independently of callout."""
+        token = self.payload
+        if self.encrypted:
+            assert self.headers is not None
+            token = server_box(self.headers).decrypt(self.payload[28:], self.payload[4:28])
+        return decode_jwt(token, "N")
+
+
+@cache
+def load(path: Path) -> Case:
+    doc = json.loads(path.read_text())
+    return Case(
+        name=path.stem,
+        client=doc["client"],
+        payload=base64.b64decode(doc["payload_b64"]),
+        headers=doc["headers"],
+        received_at=doc["received_at"],
+        encrypted=doc["encrypted"],
+        users=doc["users"],
+        expect=doc["expect"],
+    )
+
+
+def case_named(name: str) -> Case:
+    return load(CASES / f"{name}.json")
+
+
+def policy(*, encrypted: bool, xkey_seed: str | None = None) -> Policy:
+    """The configuration the recording assumed (keys.json), as `callout serve` builds it."""
+    xkeys = (CurveKey.from_seed(xkey_seed or KEYS["xkey_seed"]),) if encrypted else ()
+    return Policy(
+        issuer=SigningKey.from_seed(KEYS["issuer_seed"]),
+        account=KEYS["account"],
+        allowed_accounts=frozenset(KEYS["allowed_accounts"]),
+        xkeys=xkeys,
+        internal_keys=tuple(KEYS["internal_keys"]),
+        mode=KEYS["mode"],
+        user_ttl=KEYS["user_ttl"],
+        forbidden_accounts=frozenset({"SYS", "$SYS", KEYS["callout_account"]}),
+    )
+
+
+def store_answer(case: Case, client_key: str) -> StoreAnswer:
+    assert client_key in case.users, f"{case.name}: the core looked up an unexpected key"
+    value = case.users[client_key]
+    return Missing() if value is None else Found(orjson.dumps(value))
+
+
+def run(authorizer: Authorizer, case: Case, now: float) -> Decision:
+    opened = authorizer.open(case.payload, case.headers, now)
+    if isinstance(opened, Decision):
+        return opened
+    answer = None if opened.internal else store_answer(case, opened.client_key)
+    return authorizer.decide(opened, answer)
+
+
+def response_claims(case: Case, body: bytes) -> dict[str, Any]:
+    """Decrypt (when the request was encrypted) and verify a response from the issuer."""
+    if case.encrypted:
+        assert case.headers is not None
+        assert body.startswith(b"xkv1"), "an encrypted request gets an encrypted response"
+        body = server_box(case.headers).decrypt(body[28:], body[4:28])
+    else:
+        assert body.startswith(b"eyJ"), "a plaintext request gets a plaintext JWT"
+    claims = decode_jwt(body, "A")
+    request = case.request
+    assert claims["iss"] == KEYS["issuer_pub"]
+    assert claims["sub"] == request["nats"]["user_nkey"]
+    assert claims["aud"] == request["nats"]["server_id"]["id"]
+    assert claims["nats"]["type"] == "authorization_response"
+    assert claims["nats"]["version"] == 2
+    assert "issuer_account" not in claims["nats"]  # config mode denies it (protocol.md §3)
+    assert ("jwt" in claims["nats"]) != ("error" in claims["nats"]), "exactly one of jwt/error"
+    return claims
+
+
+def rules(doc: dict[str, Any], direction: str) -> tuple[list[str], list[str]]:
+    side = doc.get(direction) or {}
+    return list(side.get("allow") or []), list(side.get("deny") or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+def test_recording_covers_both_modes_and_both_sig_encodings() -> None:
+    names = {p.stem for p in CASE_FILES}
+    for client in ("known_natspy", "known_rawurl", "unknown", "revoked", "no_sig", "internal"):
+        assert {f"plain_{client}", f"encrypted_{client}"} <= names
+    for mode in ("plain", "encrypted"):
+        natspy = case_named(f"{mode}_known_natspy").request["nats"]["connect_opts"]["sig"]
+        rawurl = case_named(f"{mode}_known_rawurl").request["nats"]["connect_opts"]["sig"]
+        assert len(natspy) == 88 and natspy.endswith("="), "nats-py sends padded std base64"
+        assert len(rawurl) == 86 and "=" not in rawurl, "Go clients send RawURL base64"
+
+
+@pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
+def test_recorded_request_is_authentic(path: Path) -> None:
+    case = load(path)
+    request = case.request
+    assert request["iss"] == request["nats"]["server_id"]["id"]
+    assert request["aud"] == "nats-authorization-request"
+    assert request["iat"] <= case.received_at <= request["exp"]
+    if case.encrypted:
+        assert case.payload.startswith(b"xkv1")
+        assert case.headers is not None
+        assert request["nats"]["server_id"]["xkey"] == case.headers[XKEY_HEADER]
+    else:
+        assert case.headers is None and case.payload.startswith(b"eyJ")
+
+
+@pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
+def test_decision_and_response(path: Path) -> None:
+    case = load(path)
+    authorizer = Authorizer(policy(encrypted=case.encrypted))
+    now = case.received_at
+    decision = run(authorizer, case, now)
+
+    assert decision.reason == case.expect["reason"], decision.detail
+    assert decision.admit is case.expect["admit"]
+    assert (decision.account or None) == case.expect["account"]
+    assert not decision.drop
+    # Every recorded request is authentic, so every one gets a signed answer (admit or error).
+    body = authorizer.respond(decision, now=now, jitter=0)
+    claims = response_claims(case, body)
+    assert claims["iat"] == int(now)
+    request = case.request["nats"]
+
+    if not case.expect["admit"]:
+        assert claims["nats"]["error"] == case.expect["reason"]
+        return
+    user = decode_jwt(claims["nats"]["jwt"].encode(), "A")
+    assert user["iss"] == KEYS["issuer_pub"]
+    assert user["sub"] == request["user_nkey"]
+    assert user["sub"] != request["connect_opts"]["nkey"]  # never the client's own key (§3)
+    assert user["aud"] == case.expect["account"]
+    assert user["exp"] == int(now + KEYS["user_ttl"])  # jitter 0
+    assert "nbf" not in user
+    assert user["nats"]["type"] == "user"
+    assert user["nats"]["version"] == 2
+    assert (user["nats"]["subs"], user["nats"]["data"], user["nats"]["payload"]) == (-1, -1, -1)
+    assert "issuer_account" not in user["nats"]
+    record = case.users.get(request["connect_opts"]["nkey"])
+    if record is None:  # internal key: no record, unrestricted in the account
+        assert case.expect["reason"] == "internal"
+        assert rules(user["nats"], "pub") == ([], [])
+        assert rules(user["nats"], "sub") == ([], [])
+    else:
+        assert user["name"] == record["name"]
+        for direction in ("pub", "sub"):
+            want = record["permissions"][direction]
+            assert rules(user["nats"], direction) == (want["allow"], want["deny"])
+
+
+@pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
+def test_same_request_twice_is_a_replay(path: Path) -> None:
+    case = load(path)
+    authorizer = Authorizer(policy(encrypted=case.encrypted))
+    first = run(authorizer, case, case.received_at)
+    assert first.reason == case.expect["reason"]
+    again = run(authorizer, case, case.received_at + 0.1)
+    assert again.reason == "replay"
+    assert not again.admit and not again.drop
+    claims = response_claims(case, authorizer.respond(again, now=case.received_at, jitter=0))
+    assert claims["nats"]["error"] == "replay"
+
+
+@pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
+def test_expired_request_is_dropped(path: Path) -> None:
+    case = load(path)
+    authorizer = Authorizer(policy(encrypted=case.encrypted))
+    decision = run(authorizer, case, case.received_at + 60)
+    assert decision.reason == "request_expired"
+    assert decision.drop and not decision.admit
+    assert authorizer.respond(decision, now=case.received_at + 60, jitter=0) == b""
+    # Dropped without work: it did not even take a place in the replay memory.
+    assert len(authorizer.seen) == 0
+
+
+def test_plaintext_request_when_xkey_configured_is_refused() -> None:
+    case = case_named("plain_known_natspy")
+    authorizer = Authorizer(policy(encrypted=True))
+    decision = run(authorizer, case, case.received_at)
+    assert decision.reason == "xkey_required"
+    assert not decision.admit
+    claims = response_claims(case, authorizer.respond(decision, now=case.received_at, jitter=0))
+    assert claims["nats"]["error"] == "xkey_required"
+
+
+def test_encrypted_request_without_xkey_configured_is_refused() -> None:
+    case = case_named("encrypted_known_natspy")
+    authorizer = Authorizer(policy(encrypted=False))
+    decision = run(authorizer, case, case.received_at)
+    assert decision.reason == "xkey_unexpected"
+    assert not decision.admit
+    # Unopenable: nobody to address a signed error to, so the empty body (immediate deny).
+    assert authorizer.respond(decision, now=case.received_at, jitter=0) == b""
+
+
+def test_encrypted_request_with_another_xkey_fails_to_open() -> None:
+    case = case_named("encrypted_known_natspy")
+    other_seed, _ = new_curve()
+    authorizer = Authorizer(policy(encrypted=True, xkey_seed=other_seed))
+    decision = run(authorizer, case, case.received_at)
+    assert decision.reason == "xkey_failed"
+    assert authorizer.respond(decision, now=case.received_at, jitter=0) == b""
+
+
+def test_tampered_ciphertext_fails_to_open() -> None:
+    case = case_named("encrypted_known_natspy")
+    middle = len(case.payload) // 2
+    tampered = bytearray(case.payload)
+    tampered[middle] ^= 0x01
+    authorizer = Authorizer(policy(encrypted=True))
+    decision = authorizer.open(bytes(tampered), case.headers, case.received_at)
+    assert isinstance(decision, Decision)
+    assert decision.reason == "xkey_failed"
+    with pytest.raises(nacl.exceptions.CryptoError):  # the oracle agrees it does not open
+        assert case.headers is not None
+        server_box(case.headers).decrypt(bytes(tampered[28:]), bytes(tampered[4:28]))
+
+
+def test_edited_request_claims_fail_the_server_signature() -> None:
+    case = case_named("plain_known_natspy")
+    header, payload, sig = case.payload.split(b".")
+    claims = json.loads(b64url(payload))
+    claims["nats"]["client_info"]["host"] = "10.9.9.9"
+    edited = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
+    authorizer = Authorizer(policy(encrypted=False))
+    decision = authorizer.open(header + b"." + edited + b"." + sig, None, case.received_at)
+    assert isinstance(decision, Decision)
+    assert decision.reason == "request_forged"
+    assert not decision.admit
+    # The untouched request still opens: the edit, not the fixture, made the difference.
+    assert not isinstance(authorizer.open(case.payload, None, case.received_at), Decision)
