@@ -15,9 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from callout import log
-from callout.cli import KEY_FILES, connect, fail, generate_keys, serve
+from callout.commands.common import connect, fail
+from callout.commands.keys import KEY_FILES, generate_keys
+from callout.commands.serve import serve
+from callout.config import add
 from callout.keys import (
     CurveKey,
     KeyKind,
@@ -161,3 +165,11 @@ async def _serve(
         max_inflight=256,
     )
     return await serve(serve_args)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("dev", help="run everything locally: nats-server, keys, a demo user")
+    add(p, "--data-dir", default=".callout-dev", help="keys, config and JetStream data")
+    add(p, "--port", type=int, default=4222, help="client port of the bundled nats-server")
+    add(p, "--log-format", default="console", choices=["json", "console"])
+    p.set_defaults(run=run, logs=True)

@@ -1,0 +1,1 @@
+"""One module per `callout` subcommand; `callout.cli` assembles them."""

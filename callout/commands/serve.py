@@ -1,0 +1,131 @@
+"""`callout serve`: answer auth-callout requests until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from callout import log
+from callout.commands.common import connect, fail, permissions_json, user_key
+from callout.config import add, non_negative_float, positive_float, positive_int
+from callout.decision import Authorizer, Policy
+from callout.keys import CurveKey, KeyKind, SigningKey, load_curve_key, load_signing_key
+from callout.records import account_problem
+from callout.service import CalloutService
+from callout.store import StoreError
+from callout.store import kv as kvstore
+
+
+def build_policy(args: argparse.Namespace) -> tuple[Policy, SigningKey]:
+    service_key = load_signing_key(args.nkey_seed_file, KeyKind.USER, "service (--nkey-seed-file)")
+    issuer = load_signing_key(args.issuer_seed_file, KeyKind.ACCOUNT, "issuer (--issuer-seed-file)")
+    xkeys: tuple[CurveKey, ...] = tuple(load_curve_key(p) for p in args.xkey_seed_file or [])
+    for name, flag in ((args.account, "--account"), (args.callout_account, "--callout-account")):
+        if (problem := account_problem(name)) is not None:
+            fail(f"{flag} {problem}")
+    allowed = frozenset(args.allowed_account or [args.account])
+    forbidden = frozenset({"SYS", "$SYS", args.system_account, args.callout_account})
+    if bad := sorted(allowed & forbidden):
+        fail(
+            f"refusing to place users in {', '.join(bad)}: the system and callout accounts"
+            " are never allowed (--allowed-account / --account)"
+        )
+    for name in allowed:
+        if (problem := account_problem(name)) is not None:
+            fail(f"--allowed-account {problem}")
+    if args.backend_timeout <= 0:
+        fail("--backend-timeout must be > 0")
+    policy = Policy(
+        issuer=issuer,
+        account=args.account,
+        allowed_accounts=allowed,
+        xkeys=xkeys,
+        internal_keys=tuple(user_key(k) for k in args.internal_key or []),
+        internal_permissions=permissions_json(args.internal_permissions, "--internal-permissions"),
+        default_permissions=permissions_json(args.default_permissions, "--default-permissions"),
+        mode=args.mode,
+        user_ttl=args.user_ttl,
+        backend_timeout=args.backend_timeout,
+        forbidden_accounts=forbidden,
+    )
+    return policy, service_key
+
+
+async def _nats_events() -> dict[str, Callable[..., Awaitable[None]]]:
+    async def disconnected() -> None:
+        log.warning("nats_disconnected")
+
+    async def reconnected() -> None:
+        log.info("nats_reconnected")
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats_error", exception=type(exc).__name__, detail=str(exc)[:200])
+
+    return {"disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error}
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    policy, service_key = build_policy(args)
+    nc = await connect(
+        args.nats_url, service_key, name="callout", reconnect=True, callbacks=await _nats_events()
+    )
+    store = kvstore.KVStore(nc, args.users_bucket, request_timeout=max(policy.backend_timeout, 1.0))
+    service = CalloutService(
+        nc, Authorizer(policy), store, queue=args.queue_group, max_inflight=args.max_inflight
+    )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    # Tell the operator now, not at the first denied user, that the store is not there.
+    # The service serves on regardless: internal keys do not need the store.
+    try:
+        async with asyncio.timeout(policy.backend_timeout):
+            await store.get(service_key.public)
+    except (StoreError, TimeoutError) as exc:
+        log.warning("store_unavailable", bucket=args.users_bucket, detail=str(exc) or "timeout")
+    await stop.wait()
+    log.info("stopping", inflight=service.inflight)
+    await service.stop()
+    try:
+        async with asyncio.timeout(5):
+            await nc.drain()
+    except Exception:
+        await nc.close()
+    log.info("stopped", **vars(service.stats))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="answer auth-callout requests")
+    add(p, "--nats-url", required=True, help="NATS server URL(s), comma-separated")
+    add(p, "--nkey-seed-file", required=True, help="the service's user seed (an auth_users nkey)")
+    add(p, "--issuer-seed-file", required=True, help="auth_callout.issuer account seed (SA...)")
+    add(p, "--xkey-seed-file", action="append", help="auth_callout xkey seed (SX...); repeatable")
+    add(p, "--account", required=True, help="account users are placed in by default")
+    add(p, "--users-bucket", default="users", help="JetStream KV bucket of user records")
+    add(p, "--internal-key", action="append", help="user key admitted without the store")
+    add(p, "--internal-permissions", help="JSON permissions for internal keys (default: none)")
+    add(p, "--mode", choices=["enforce", "soft"], default="enforce", help="soft admits unknown")
+    add(p, "--default-permissions", help="JSON permissions for soft-mode admits (default: none)")
+    add(p, "--backend-timeout", type=positive_float, default=1.0, help="store deadline, seconds")
+    add(p, "--user-ttl", type=non_negative_float, default=86400.0, help="user JWT life (0: none)")
+    add(
+        p,
+        "--allowed-account",
+        action="append",
+        help="accounts records may name (default --account)",
+    )
+    add(p, "--callout-account", default="AUTH", help="auth_callout.account; never placed into")
+    add(p, "--system-account", default="SYS", help="the system account; never placed into")
+    add(p, "--queue-group", default="callout", help="queue group shared by replicas")
+    add(p, "--max-inflight", type=positive_int, default=256, help="requests handled at once")
+    add(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add(p, "--log-format", default="json", choices=["json", "console"])
+    p.set_defaults(run=lambda a: serve(a), logs=True)
