@@ -78,8 +78,9 @@ RECORD_INVALID: Final = "record_invalid"  # record does not parse or has a bad f
 ACCOUNT_NOT_ALLOWED: Final = "account_not_allowed"  # record names an account not allowed
 STORE_UNAVAILABLE: Final = "store_unavailable"  # bucket/JetStream missing or erroring
 STORE_TIMEOUT: Final = "store_timeout"  # no answer within --backend-timeout / request exp
-# The shell's catch-all: a bug, never an admit.
+# The shell's own: a bug, never an admit; and load shedding.
 INTERNAL_ERROR: Final = "internal_error"
+OVERLOADED: Final = "overloaded"  # backlog over --max-backlog: oldest answered with a deny
 
 ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
 

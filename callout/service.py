@@ -1,11 +1,15 @@
 """The asyncio shell around the decision core: NATS in, store lookups, NATS out.
 
-It owns three promises the core cannot keep by itself:
+It owns the promises the core cannot keep by itself:
 - every request is answered exactly once (one publish per message, on every path,
   exceptions included), except requests the server has certainly given up on;
 - requests are handled concurrently, up to `max_inflight` at once. nats-py runs a
   subscription's callbacks one after another (protocol.md §9, "Reconnect storms"), so the
-  callback only takes a slot and starts a task;
+  callback only starts a task or queues the message, and never waits;
+- under a backlog the freshest request goes first: it is the one that can still make the
+  server's deadline, while the oldest may already be lost. A backlog longer than
+  `max_backlog` sheds its oldest request with an immediate deny (an empty body), never
+  silence;
 - no store lookup outlives its deadline (`Request.deadline`).
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +27,7 @@ from nats.aio.subscription import Subscription
 
 from callout import log
 from callout.decision import (
+    OVERLOADED,
     Authorizer,
     Decision,
     Found,
@@ -41,6 +47,7 @@ class Stats:
     requests: int = 0
     replies: int = 0
     dropped: int = 0
+    shed: int = 0
     admitted: int = 0
     denied: int = 0
     errors: int = 0
@@ -53,14 +60,14 @@ class CalloutService:
     store: Store
     queue: str = "callout"
     max_inflight: int = 256
+    max_backlog: int = 20_000
     clock: Callable[[], float] = time.time
     stats: Stats = field(default_factory=Stats)
-    _slots: asyncio.Semaphore = field(init=False)
+    # Called with every decision and its latency in seconds (metrics, audit). Must not block.
+    observers: list[Callable[[Decision, float], None]] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _backlog: deque[tuple[Msg, float]] = field(default_factory=deque, init=False)
     _sub: Subscription | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self._slots = asyncio.Semaphore(self.max_inflight)
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(SUBJECT, queue=self.queue, cb=self._on_message)
@@ -83,24 +90,41 @@ class CalloutService:
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Finishing a task starts the next backlog entry, so wait until both are empty.
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     @property
     def inflight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
     async def _on_message(self, msg: Msg) -> None:
         received = self.clock()
         self.stats.requests += 1
-        await self._slots.acquire()
+        if len(self._tasks) < self.max_inflight:
+            self._spawn(msg, received)
+            return
+        if len(self._backlog) >= self.max_backlog:
+            oldest, oldest_received = self._backlog.popleft()
+            self.stats.shed += 1
+            await self._reply(oldest, b"")
+            self._log(Decision(OVERLOADED, f"backlog over {self.max_backlog}"), oldest_received)
+        self._backlog.append((msg, received))
+
+    def _spawn(self, msg: Msg, received: float) -> None:
         task = asyncio.create_task(self._handle(msg, received))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        if self._backlog and len(self._tasks) < self.max_inflight:
+            msg, received = self._backlog.pop()  # freshest first
+            self._spawn(msg, received)
 
     async def _handle(self, msg: Msg, received: float) -> None:
         authorizer = self.authorizer
@@ -175,3 +199,8 @@ class CalloutService:
             if request.client_host:
                 fields["host"] = request.client_host
         log.info("decision", **fields)
+        for observe in self.observers:
+            try:
+                observe(decision, latency_ms / 1000)
+            except Exception as exc:  # an observer's bug must not touch decisions
+                log.error("observer_error", exception=type(exc).__name__)

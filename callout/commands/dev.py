@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from callout import log
+from callout.commands import serve as serve_command
 from callout.commands.common import connect, fail
 from callout.commands.keys import KEY_FILES, generate_keys
 from callout.commands.serve import serve
@@ -145,25 +146,19 @@ async def _serve(
         file=sys.stderr,
         flush=True,
     )
-    serve_args = argparse.Namespace(
-        nats_url=url,
-        nkey_seed_file=str(keys_dir / KEY_FILES["service"]),
-        issuer_seed_file=str(keys_dir / KEY_FILES["issuer"]),
-        xkey_seed_file=[str(keys_dir / KEY_FILES["xkey"])],
-        account="APP",
-        users_bucket="users",
-        internal_key=[],
-        internal_permissions=None,
-        default_permissions=None,
-        mode="enforce",
-        backend_timeout=1.0,
-        user_ttl=86400.0,
-        allowed_account=None,
-        callout_account="AUTH",
-        system_account="SYS",
-        queue_group="callout",
-        max_inflight=256,
-    )
+    # The same flags `callout serve` takes, parsed by its own parser, so dev never drifts.
+    parser = argparse.ArgumentParser(prog="callout")
+    serve_command.register(parser.add_subparsers())
+    serve_args = parser.parse_args(
+        [
+            "serve",
+            "--nats-url", url,
+            "--nkey-seed-file", str(keys_dir / KEY_FILES["service"]),
+            "--issuer-seed-file", str(keys_dir / KEY_FILES["issuer"]),
+            "--xkey-seed-file", str(keys_dir / KEY_FILES["xkey"]),
+            "--account", "APP",
+        ]
+    )  # fmt: skip
     return await serve(serve_args)
 
 

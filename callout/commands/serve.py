@@ -75,7 +75,12 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     )
     store = kvstore.KVStore(nc, args.users_bucket, request_timeout=max(policy.backend_timeout, 1.0))
     service = CalloutService(
-        nc, Authorizer(policy), store, queue=args.queue_group, max_inflight=args.max_inflight
+        nc,
+        Authorizer(policy),
+        store,
+        queue=args.queue_group,
+        max_inflight=args.max_inflight,
+        max_backlog=args.max_backlog,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,6 +131,7 @@ def register(sub: Any) -> None:
     add(p, "--system-account", default="SYS", help="the system account; never placed into")
     add(p, "--queue-group", default="callout", help="queue group shared by replicas")
     add(p, "--max-inflight", type=positive_int, default=256, help="requests handled at once")
+    add(p, "--max-backlog", type=positive_int, default=20_000, help="requests allowed to wait")
     add(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add(p, "--log-format", default="json", choices=["json", "console"])
     p.set_defaults(run=lambda a: serve(a), logs=True)

@@ -400,25 +400,58 @@ async def test_max_inflight_is_respected() -> None:
     store.records[env.client.public] = record("alice")
     msgs = [env.msg(f) for f in forged]
 
-    async def feed() -> None:  # as nats-py does: one callback at a time
-        for m in msgs:
-            await env.service._on_message(m)
-
-    feeder = asyncio.create_task(feed())
+    for m in msgs:  # as nats-py does: one callback at a time; none of them waits
+        await env.service._on_message(m)
     await asyncio.wait_for(store.when_active(2).wait(), 10)
     await _spin()
     assert store.active == 2 and store.calls == 2
     assert env.service.inflight == 2
-    assert env.service.stats.requests == 3  # the third waits for a slot
-    assert not feeder.done()
+    assert env.service.backlog == 3  # the others wait for a slot
+    assert env.service.stats.requests == 5
     assert env.nc.published == []
 
     store.gate.set()
-    await asyncio.wait_for(feeder, 10)
     await asyncio.wait_for(env.service.stop(), 10)
     assert store.max_active == 2 and store.calls == 5
     assert Counter(subject for subject, _ in env.nc.published) == Counter(m.reply for m in msgs)
     assert env.service.stats.admitted == 5 and env.service.inflight == 0
+    assert env.service.backlog == 0
+
+
+async def test_backlog_serves_the_freshest_request_first() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, max_inflight=1)
+    store.records[env.client.public] = record("alice")
+    msgs = [env.msg(env.forge()) for _ in range(4)]
+    for m in msgs:
+        await env.service._on_message(m)
+    await asyncio.wait_for(store.when_active(1).wait(), 10)
+    store.gate.set()
+    await asyncio.wait_for(env.service.stop(), 10)
+    order = [subject for subject, _ in env.nc.published]
+    # The first was already running; of the waiting ones, the newest goes first.
+    assert order == [msgs[0].reply, msgs[3].reply, msgs[2].reply, msgs[1].reply]
+
+
+async def test_backlog_overflow_sheds_the_oldest_with_an_immediate_deny() -> None:
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, max_inflight=1)
+    env.service.max_backlog = 2
+    store.records[env.client.public] = record("alice")
+    msgs = [env.msg(env.forge()) for _ in range(5)]
+    for m in msgs:
+        await env.service._on_message(m)
+    await asyncio.wait_for(store.when_active(1).wait(), 10)
+    # msgs[0] runs; msgs[1] and msgs[2] were shed, oldest first, with an empty body.
+    assert env.nc.published == [(msgs[1].reply, b""), (msgs[2].reply, b"")]
+    assert env.service.stats.shed == 2 and env.service.backlog == 2
+    store.gate.set()
+    await asyncio.wait_for(env.service.stop(), 10)
+    replies = Counter(subject for subject, _ in env.nc.published)
+    assert replies == Counter(m.reply for m in msgs)  # every request answered exactly once
+    assert env.service.stats.admitted == 3
 
 
 async def test_requests_are_handled_concurrently() -> None:

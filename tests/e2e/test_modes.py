@@ -1,0 +1,151 @@
+"""Soft mode (`--mode soft`) and the user JWT lifetime (`--user-ttl`), against a real
+nats-server.
+
+Soft mode admits only what enforce mode would deny for lack of a record; everything that is
+a proof failure or a store failure is still denied (issue, point 7). `--user-ttl` becomes the
+user JWT's `exp`, which the server enforces by closing the connection (protocol.md §3, "On
+expiry").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from callout.records import Permissions, Rules
+from tests.conftest import ServerFactory
+from tests.e2e.test_admission import (
+    USER_INFO,
+    deployment,
+    expect_denied,
+    granted,
+    jwt_claims,
+    perms,
+    user_info,
+)
+from tests.harness import Keys, nats_connect, new_user
+from tests.service import APP, record
+
+SOFT_DEFAULTS = Permissions(
+    pub=Rules(allow=(USER_INFO, "soft.>"), deny=("soft.secret",)),
+    sub=Rules(allow=("_INBOX.>",)),
+)
+
+
+class _Decisions(logging.Handler):
+    """The service's `decision` log lines, as the structured fields it passes to its logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "decision":
+            self.lines.append(dict(getattr(record, "fields", {})))
+
+
+@contextlib.contextmanager
+def decisions() -> Iterator[_Decisions]:
+    logger = logging.getLogger("callout")
+    handler, level = _Decisions(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
+    nats_server: ServerFactory, keys: Keys
+) -> None:
+    server = nats_server()
+    unknown_seed, unknown = new_user()
+    known_seed, known = new_user()
+    revoked_seed, revoked = new_user()
+    policy: dict[str, Any] = {"mode": "soft", "default_permissions": SOFT_DEFAULTS}
+    with decisions() as log:
+        async with deployment(server, keys, **policy) as dep:
+            await dep.put(known, record("kim", pub_allow=[USER_INFO], sub_allow=["_INBOX.>"]))
+            await dep.put(revoked, record("rev", revoked=True, admin=True))
+
+            # Unknown, valid signature: admitted with the default permissions.
+            nc = await nats_connect(server.url, unknown_seed)
+            try:
+                info = await user_info(nc)
+            finally:
+                await nc.close()
+            assert info["account"] == APP
+            assert granted(info) == perms([USER_INFO, "soft.>"], ["soft.secret"], ["_INBOX.>"], [])
+            assert [d["reason"] for d in log.lines if d["client"] == unknown] == ["would_deny"]
+
+            # A known user still gets its own record, not the defaults.
+            nc = await nats_connect(server.url, known_seed)
+            try:
+                info = await user_info(nc)
+            finally:
+                await nc.close()
+            assert info["user"] == "kim"
+            assert granted(info) == perms([USER_INFO], [], ["_INBOX.>"], [])
+
+            # Unknown key with somebody else's signature; revoked: denied as in enforce mode.
+            await expect_denied(dep, known_seed, "bad_signature", nkey=unknown)
+            await expect_denied(dep, None, "no_signature", nkey=unknown, sig="omit")
+            await expect_denied(dep, revoked_seed, "revoked")
+
+            # Store down: "no answer" is not "no record", so soft mode admits no one.
+            assert await dep.admin.jetstream().delete_key_value("users")
+            await expect_denied(dep, unknown_seed, "store_unavailable")
+            await expect_denied(dep, known_seed, "store_unavailable")
+
+
+async def test_user_ttl_expiry_closes_the_connection(
+    nats_server: ServerFactory, keys: Keys
+) -> None:
+    server = nats_server()
+    seed, pub = new_user()
+    async with deployment(server, keys, user_ttl=2.0) as dep:
+        await dep.put(pub, record("brief", admin=True))
+        responses: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_reply(msg: Msg) -> None:
+            responses.put_nowait(msg.data)
+
+        await dep.admin.subscribe("$SYS._INBOX.>", cb=on_reply)
+        await dep.admin.flush()
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        nc = await nats_connect(server.url, seed, allow_reconnect=False, closed_cb=on_closed)
+        try:
+            assert (await user_info(nc))["user"] == "brief"
+            await asyncio.wait_for(closed, 15)
+            assert nc.is_closed
+            assert "user authentication expired" in str(nc.last_error).lower()
+        finally:
+            await nc.close()
+        # The user JWT's exp came from --user-ttl: now + 2 s +-10 %, in whole seconds (§4).
+        user = jwt_claims(jwt_claims(await asyncio.wait_for(responses.get(), 5))["nats"]["jwt"])
+        assert 1 <= user["exp"] - user["iat"] <= 3
+
+
+async def test_user_ttl_zero_issues_no_expiry(nats_server: ServerFactory, keys: Keys) -> None:
+    server = nats_server()
+    seed, pub = new_user()
+    async with deployment(server, keys, user_ttl=0.0) as dep:
+        await dep.put(pub, record("forever", admin=True))
+        nc = await nats_connect(server.url, seed)
+        try:
+            info = await user_info(nc)
+        finally:
+            await nc.close()
+        assert "expires" not in info
