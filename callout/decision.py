@@ -98,6 +98,21 @@ _MAX_SIG_TEXT = 128
 
 
 @dataclass(frozen=True, slots=True)
+class AccountSigner:
+    """Operator mode: the key that signs one target account's user JWTs. The server places a
+    user in the account that issued its JWT (protocol.md §3 check 15), so this key *is* the
+    placement: the account's own key, or one of its signing keys."""
+
+    key: SigningKey
+    account: str  # the account's public key (A...)
+
+    @property
+    def issuer_account(self) -> str | None:
+        """Set only when signing with a signing key (protocol.md §5, operator mode)."""
+        return None if keys_equal(self.key.public, self.account) else self.account
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """Everything the rules depend on besides the request, the clock and the store."""
 
@@ -115,6 +130,11 @@ class Policy:
     # account (a user there could answer auth requests). Config mode has no server-side
     # check on the user JWT's aud (protocol.md §5, "Placing a user in an account").
     forbidden_accounts: frozenset[str] = frozenset({"SYS", "$SYS"})
+    # Operator mode (empty in config mode): target account name -> its signer; and, when the
+    # issuer is a signing key of the callout account, that account's public key. Config mode
+    # must never set issuer_account: the server refuses it there (protocol.md §3 check 14).
+    signers: Mapping[str, AccountSigner] = field(default_factory=dict)
+    issuer_account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +461,7 @@ class Authorizer:
         if record.revoked:
             return Decision(REVOKED, "record is revoked", request, client_key=request.client_key)
         account = record.account or policy.account
-        if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
+        if not self._placeable(account):
             return Decision(
                 ACCOUNT_NOT_ALLOWED,
                 f"record names account {account!r}",
@@ -451,6 +471,13 @@ class Authorizer:
         # admin: full access within its account, as internal identities get by default.
         permissions = UNRESTRICTED if record.admin else record.permissions
         return Decision(ADMIT, "", request, account, record.name, permissions, request.client_key)
+
+    def _placeable(self, account: str) -> bool:
+        policy = self.policy
+        if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
+            return False
+        # Operator mode: an account we hold no signer for cannot be placed into.
+        return not policy.signers or account in policy.signers
 
     def fail(self, request: Request | None, detail: str) -> Decision:
         """The shell's catch-all: any exception becomes a deny."""
@@ -473,28 +500,39 @@ class Authorizer:
         if decision.admit:
             if jitter is None:
                 jitter = secrets.SystemRandom().uniform(-1.0, 1.0)
+            user_nats: dict[str, Any] = {
+                **decision.permissions.claims(),
+                "subs": -1,
+                "data": -1,
+                "payload": -1,
+                "type": "user",
+                "version": 2,
+            }
+            signer = policy.signers.get(decision.account)
+            if signer is None:
+                # Config mode: the issuer signs, and `aud` (the account *name*) places the user.
+                user_signer, audience = policy.issuer, decision.account
+            else:
+                user_signer, audience = signer.key, signer.account
+                if signer.issuer_account is not None:
+                    user_nats["issuer_account"] = signer.issuer_account
             user: dict[str, Any] = {
                 "jti": secrets.token_hex(12),
                 "iat": issued,
-                "iss": policy.issuer.public,
+                "iss": user_signer.public,
                 "sub": request.user_nkey,
-                "aud": decision.account,
-                "nats": {
-                    **decision.permissions.claims(),
-                    "subs": -1,
-                    "data": -1,
-                    "payload": -1,
-                    "type": "user",
-                    "version": 2,
-                },
+                "aud": audience,
+                "nats": user_nats,
             }
             if decision.name:
                 user["name"] = decision.name
             if policy.user_ttl > 0:
                 user["exp"] = int(now + policy.user_ttl * (1.0 + 0.1 * jitter))
-            nats["jwt"] = jwt.encode(user, policy.issuer).decode()
+            nats["jwt"] = jwt.encode(user, user_signer).decode()
         else:
             nats["error"] = decision.reason
+        if policy.issuer_account is not None:
+            nats["issuer_account"] = policy.issuer_account
         response = {
             "jti": secrets.token_hex(12),
             "iat": issued,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import nats
@@ -10,7 +13,16 @@ import nats.errors
 import orjson
 from nats.aio.client import Client
 
-from callout.keys import KeyError_, KeyKind, SigningKey, decode_public
+from callout.config import add
+from callout.keys import (
+    KeyError_,
+    KeyKind,
+    SeedFileError,
+    SigningKey,
+    decode_public,
+    load_signing_key,
+    read_seed_file,
+)
 from callout.records import Permissions, RecordError, parse_permissions
 
 
@@ -36,9 +48,64 @@ def user_key(text: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class Identity:
+    """How a command authenticates to NATS: an nkey seed, or a .creds file (operator mode);
+    optionally over TLS, with a client certificate for mutual TLS."""
+
+    key: SigningKey
+    creds: str | None = None
+    tls: ssl.SSLContext | None = None
+
+
+def add_identity_flags(p: argparse.ArgumentParser, what: str) -> None:
+    add(p, "--nkey-seed-file", help=f"{what}: a user seed (SU...)")
+    add(p, "--creds", help=f"{what}: a .creds file (user JWT + seed), for operator mode")
+    add(p, "--tls-ca", help="CA bundle to verify the servers' certificates")
+    add(p, "--tls-cert", help="client certificate (mutual TLS)")
+    add(p, "--tls-key", help="client certificate's private key (mutual TLS)")
+
+
+def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        fail("--tls-cert and --tls-key go together")
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert and key:
+            context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        fail(f"TLS file not found: {exc.filename}")
+    except (ssl.SSLError, OSError) as exc:
+        fail(f"TLS files cannot be used: {exc}")
+    return context
+
+
+def identity_from_args(args: argparse.Namespace, what: str) -> Identity:
+    tls = tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    if args.creds and args.nkey_seed_file:
+        fail("give --nkey-seed-file or --creds, not both")
+    if args.creds:
+        # Same rules as a seed file: it holds one (group/other-readable files are refused).
+        try:
+            seed = read_seed_file(args.creds)
+            key = SigningKey.from_seed(seed)
+        except (SeedFileError, KeyError_) as exc:
+            fail(f"--creds: {exc}")
+        if key.kind is not KeyKind.USER:
+            fail(f"--creds {args.creds} holds a {key.kind.name.lower()} seed, not a user seed")
+        return Identity(key, creds=str(args.creds), tls=tls)
+    if not args.nkey_seed_file:
+        fail(f"{what}: --nkey-seed-file (or --creds) is required")
+    return Identity(
+        load_signing_key(args.nkey_seed_file, KeyKind.USER, "--nkey-seed-file"), tls=tls
+    )
+
+
 async def connect(
     urls: str,
-    seed: SigningKey | None,
+    identity: Identity | None,
     *,
     name: str,
     reconnect: bool,
@@ -69,8 +136,13 @@ async def connect(
         "error_cb": on_error,
         **callbacks,
     }
-    if seed is not None:
-        options["nkeys_seed_str"] = seed.seed
+    if identity is not None:
+        if identity.creds is not None:
+            options["user_credentials"] = identity.creds
+        else:
+            options["nkeys_seed_str"] = identity.key.seed
+        if identity.tls is not None:
+            options["tls"] = identity.tls
     try:
         nc = await nats.connect(**options)
     except nats.errors.NoServersError:

@@ -10,7 +10,7 @@ from typing import Any
 import nats
 import orjson
 
-from callout.commands.common import split_urls
+from callout.commands.common import split_urls, tls_context
 from callout.config import add
 from callout.keys import KeyKind, load_signing_key
 
@@ -25,6 +25,7 @@ async def try_connect(args: argparse.Namespace) -> int:
             allow_reconnect=False,
             max_reconnect_attempts=1,
             error_cb=_ignore,
+            tls=tls_context(args.tls_ca, args.tls_cert, args.tls_key),
         )
     except Exception as exc:
         print(
@@ -51,4 +52,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("connect", help="connect as a user and show its account and permissions")
     add(p, "--nats-url", default="nats://127.0.0.1:4222")
     add(p, "--nkey-seed-file", required=True, help="the user's seed")
+    add(p, "--tls-ca", help="CA bundle to verify the server's certificate")
+    add(p, "--tls-cert", help="client certificate (mutual TLS)")
+    add(p, "--tls-key", help="client certificate's private key (mutual TLS)")
     p.set_defaults(run=try_connect, logs=False)

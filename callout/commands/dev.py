@@ -19,7 +19,7 @@ from typing import Any
 
 from callout import log
 from callout.commands import serve as serve_command
-from callout.commands.common import connect, fail
+from callout.commands.common import Identity, connect, fail
 from callout.commands.keys import KEY_FILES, generate_keys
 from callout.commands.serve import serve
 from callout.config import add
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(
     url: str, keys_dir: Path, service: SigningKey, demo: SigningKey, server_log: Path
 ) -> int:
-    admin = await connect(url, service, name="callout-dev", reconnect=False)
+    admin = await connect(url, Identity(service), name="callout-dev", reconnect=False)
     try:
         await kvstore.ensure_bucket(admin, "users", None)
         record = UserRecord(name="demo", permissions=DEMO_PERMISSIONS)

@@ -10,18 +10,51 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from callout import log
-from callout.commands.common import connect, fail, permissions_json, user_key
+from callout.commands.common import (
+    Identity,
+    add_identity_flags,
+    connect,
+    fail,
+    identity_from_args,
+    permissions_json,
+    user_key,
+)
 from callout.config import add, non_negative_float, positive_float, positive_int
-from callout.decision import Authorizer, Policy
-from callout.keys import CurveKey, KeyKind, SigningKey, load_curve_key, load_signing_key
+from callout.decision import AccountSigner, Authorizer, Policy
+from callout.keys import (
+    CurveKey,
+    KeyError_,
+    KeyKind,
+    decode_public,
+    load_curve_key,
+    load_signing_key,
+)
 from callout.records import account_problem
 from callout.service import CalloutService
 from callout.store import StoreError
 from callout.store import kv as kvstore
 
 
-def build_policy(args: argparse.Namespace) -> tuple[Policy, SigningKey]:
-    service_key = load_signing_key(args.nkey_seed_file, KeyKind.USER, "service (--nkey-seed-file)")
+def _signers(args: argparse.Namespace) -> dict[str, AccountSigner]:
+    """--account-signer NAME:ACCOUNT_PUBKEY:SEEDFILE, operator mode only."""
+    signers: dict[str, AccountSigner] = {}
+    for spec in args.account_signer or []:
+        name, _, rest = spec.partition(":")
+        account, _, path = rest.partition(":")
+        if not (name and account and path):
+            fail(f"--account-signer {spec!r}: expected NAME:ACCOUNT_PUBKEY:SEEDFILE")
+        try:
+            decode_public(account, KeyKind.ACCOUNT)
+        except KeyError_ as exc:
+            fail(f"--account-signer {name}: {exc}")
+        signers[name] = AccountSigner(
+            load_signing_key(path, KeyKind.ACCOUNT, f"--account-signer {name}"), account
+        )
+    return signers
+
+
+def build_policy(args: argparse.Namespace) -> tuple[Policy, Identity]:
+    identity = identity_from_args(args, "service identity")
     issuer = load_signing_key(args.issuer_seed_file, KeyKind.ACCOUNT, "issuer (--issuer-seed-file)")
     xkeys: tuple[CurveKey, ...] = tuple(load_curve_key(p) for p in args.xkey_seed_file or [])
     for name, flag in ((args.account, "--account"), (args.callout_account, "--callout-account")):
@@ -39,6 +72,17 @@ def build_policy(args: argparse.Namespace) -> tuple[Policy, SigningKey]:
             fail(f"--allowed-account {problem}")
     if args.backend_timeout <= 0:
         fail("--backend-timeout must be > 0")
+    signers = _signers(args)
+    if args.operator:
+        if missing := sorted(allowed - signers.keys()):
+            fail(f"operator mode: no --account-signer for account(s) {', '.join(missing)}")
+        if args.issuer_account:
+            try:
+                decode_public(args.issuer_account, KeyKind.ACCOUNT)
+            except KeyError_ as exc:
+                fail(f"--issuer-account: {exc}")
+    elif signers or args.issuer_account:
+        fail("--account-signer and --issuer-account are for operator mode (--operator)")
     policy = Policy(
         issuer=issuer,
         account=args.account,
@@ -51,8 +95,10 @@ def build_policy(args: argparse.Namespace) -> tuple[Policy, SigningKey]:
         user_ttl=args.user_ttl,
         backend_timeout=args.backend_timeout,
         forbidden_accounts=forbidden,
+        signers=signers,
+        issuer_account=args.issuer_account or None,
     )
-    return policy, service_key
+    return policy, identity
 
 
 async def _nats_events() -> dict[str, Callable[..., Awaitable[None]]]:
@@ -69,9 +115,9 @@ async def _nats_events() -> dict[str, Callable[..., Awaitable[None]]]:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    policy, service_key = build_policy(args)
+    policy, identity = build_policy(args)
     nc = await connect(
-        args.nats_url, service_key, name="callout", reconnect=True, callbacks=await _nats_events()
+        args.nats_url, identity, name="callout", reconnect=True, callbacks=await _nats_events()
     )
     store = kvstore.KVStore(nc, args.users_bucket, request_timeout=max(policy.backend_timeout, 1.0))
     service = CalloutService(
@@ -92,7 +138,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     # The service serves on regardless: internal keys do not need the store.
     try:
         async with asyncio.timeout(policy.backend_timeout):
-            await store.get(service_key.public)
+            await store.get(identity.key.public)
     except (StoreError, TimeoutError) as exc:
         log.warning("store_unavailable", bucket=args.users_bucket, detail=str(exc) or "timeout")
     await stop.wait()
@@ -110,7 +156,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="answer auth-callout requests")
     add(p, "--nats-url", required=True, help="NATS server URL(s), comma-separated")
-    add(p, "--nkey-seed-file", required=True, help="the service's user seed (an auth_users nkey)")
+    add_identity_flags(p, "the service's identity (an auth_users member)")
     add(p, "--issuer-seed-file", required=True, help="auth_callout.issuer account seed (SA...)")
     add(p, "--xkey-seed-file", action="append", help="auth_callout xkey seed (SX...); repeatable")
     add(p, "--account", required=True, help="account users are placed in by default")
@@ -126,6 +172,19 @@ def register(sub: Any) -> None:
         "--allowed-account",
         action="append",
         help="accounts records may name (default --account)",
+    )
+    add(p, "--operator", action="store_true", help="operator (decentralized) mode")
+    add(
+        p,
+        "--issuer-account",
+        help="operator mode: callout account key, if the issuer is a signing key",
+    )
+    add(
+        p,
+        "--account-signer",
+        action="append",
+        metavar="NAME:ACCOUNT_PUBKEY:SEEDFILE",
+        help="operator mode: the key that signs users of account NAME; repeatable",
     )
     add(p, "--callout-account", default="AUTH", help="auth_callout.account; never placed into")
     add(p, "--system-account", default="SYS", help="the system account; never placed into")

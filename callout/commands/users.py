@@ -11,9 +11,14 @@ from typing import Any
 import orjson
 from nats.aio.client import Client
 
-from callout.commands.common import connect, fail, user_key
+from callout.commands.common import (
+    add_identity_flags,
+    connect,
+    fail,
+    identity_from_args,
+    user_key,
+)
 from callout.config import add, replicas
-from callout.keys import KeyKind, load_signing_key
 from callout.records import (
     Permissions,
     Rules,
@@ -66,8 +71,8 @@ async def users(args: argparse.Namespace) -> int:
                 ),
             ),
         )
-    seed = load_signing_key(args.nkey_seed_file, KeyKind.USER, "--nkey-seed-file")
-    nc = await connect(args.nats_url, seed, name="callout-users", reconnect=False)
+    identity = identity_from_args(args, "callout users")
+    nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
     try:
         await kvstore.ensure_bucket(nc, args.users_bucket, args.replicas)
         bucket = kvstore.KVStore(nc, args.users_bucket)
@@ -118,7 +123,7 @@ async def _revoke(nc: Client, bucket_name: str, bucket: kvstore.KVStore, key: st
 def register(sub: Any) -> None:
     p = sub.add_parser("users", help="manage user records in the KV bucket")
     add(p, "--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL(s)")
-    add(p, "--nkey-seed-file", required=True, help="a user seed in the callout account")
+    add_identity_flags(p, "a user of the callout account")
     add(p, "--users-bucket", default="users", help="JetStream KV bucket of user records")
     add(
         p,
