@@ -62,6 +62,9 @@ class KVStore:
 
     async def get_entry(self, key: str) -> tuple[bytes, int] | None:
         """(value, revision) of `key`, None when it has no live value."""
+        if not self._nc.is_connected:
+            # nats-py would buffer the request until a reconnect: answer now instead.
+            raise StoreError("not connected to NATS")
         request = orjson.dumps({"last_by_subj": self._subject_prefix + key})
         try:
             msg = await self._nc.request(self._api, request, timeout=self._timeout)

@@ -1,0 +1,218 @@
+"""The watched users cache against a real nats-server: it answers only while provably current,
+and falls back to direct lookups (never to stale data) otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from callout.store import StoreError
+from callout.store.kv import KVStore
+from callout.store.watch import WatchedStore
+from tests.harness import Keys, nats_connect, new_user
+from tests.service import record, users_bucket
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Wait for a condition the cache reaches on its own (no event is exposed); returns seconds."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.002)
+    return time.monotonic() - start
+
+
+class CountingStore(KVStore):
+    calls = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        return await super().get(key)
+
+
+async def watched(nc: Any, **kw: Any) -> tuple[WatchedStore, CountingStore]:
+    direct = CountingStore(nc, "users")
+    store = WatchedStore(nc, "users", direct=direct, probe_interval=0.05, retry_interval=0.1, **kw)
+    store.start()
+    return store, direct
+
+
+async def test_live_cache_answers_without_round_trips(nats_server: Any, keys: Keys) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, direct = await watched(nc)
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        assert store.size == 1
+        assert await store.get(alice) == record("alice")
+        _, stranger = new_user()
+        assert await store.get(stranger) is None
+        assert direct.calls == 0
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_revocation_reaches_every_replica_within_100ms(nats_server: Any, keys: Keys) -> None:
+    server = nats_server()
+    admin = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(admin)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    replicas = []
+    for _ in range(2):
+        nc = await nats_connect(server.url, keys.service_seed)
+        replicas.append((nc, *(await watched(nc))))
+    try:
+        for _, store, _ in replicas:
+            await until(lambda s=store: s.live)  # type: ignore[misc]
+        revoked = record("alice", revoked=True)
+        await kv.put(alice, revoked)
+        written = time.monotonic()
+        for _, store, _ in replicas:
+            await until(lambda s=store: s._records.get(alice) == revoked, timeout=2)  # type: ignore[misc]
+            assert time.monotonic() - written < 0.1
+            assert await store.get(alice) == revoked
+        await kv.delete(alice)
+        for _, store, _ in replicas:
+            await until(lambda s=store: alice not in s._records, timeout=2)  # type: ignore[misc]
+            assert await store.get(alice) is None
+    finally:
+        for nc, store, _ in replicas:
+            await store.stop()
+            await nc.close()
+        await admin.close()
+
+
+async def test_deleted_bucket_is_never_served_from_memory(nats_server: Any, keys: Keys) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, _ = await watched(nc)
+    try:
+        await until(lambda: store.live)
+        await nc.jetstream().delete_key_value("users")
+        await until(lambda: not store.live)
+        with pytest.raises(StoreError):
+            await store.get(alice)
+        # Re-created with different contents: the old record must not come back.
+        kv = await users_bucket(nc)
+        _, bob = new_user()
+        await kv.put(bob, record("bob"))
+        await until(lambda: store.live)
+        assert await store.get(alice) is None
+        assert await store.get(bob) == record("bob")
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_quick_delete_and_recreate_is_detected(nats_server: Any, keys: Keys) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    js = nc.jetstream()
+    kv = await users_bucket(nc)
+    users = [new_user()[1] for _ in range(3)]
+    for pub in users:
+        await kv.put(pub, record("x"))
+    store, _ = await watched(nc)
+    try:
+        await until(lambda: store.live)
+        loads = store.loads
+        await js.delete_key_value("users")
+        kv = await users_bucket(nc)  # back before the next probe, most likely
+        await kv.put(users[0], record("only-one"))
+        await until(lambda: store.loads > loads and store.live)
+        assert await store.get(users[0]) == record("only-one")
+        assert await store.get(users[1]) is None
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_stream_purge_drops_the_copy(nats_server: Any, keys: Keys) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, _ = await watched(nc)
+    try:
+        await until(lambda: store.live)
+        loads = store.loads
+        await nc.jetstream().purge_stream("KV_users")  # no message reaches the watch
+        await until(lambda: store.loads > loads and store.live)
+        assert await store.get(alice) is None
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_disconnect_stops_answering_and_reconnect_reloads(
+    nats_server: Any, keys: Keys
+) -> None:
+    server = nats_server()
+    stores: list[WatchedStore] = []
+
+    async def on_disconnected() -> None:
+        for s in stores:
+            s.disconnected()
+
+    async def on_reconnected() -> None:
+        for s in stores:
+            s.reconnected()
+
+    nc = await nats_connect(
+        server.url,
+        keys.service_seed,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.1,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, _ = await watched(nc)
+    stores.append(store)
+    try:
+        await until(lambda: store.live)
+        server.stop()
+        await until(lambda: not store.live)
+        assert store.state in {"disconnected", "unavailable"}
+        with pytest.raises(StoreError):
+            await store.get(alice)  # no server: the direct lookup fails, the copy is gone
+        server.start()
+        await until(lambda: store.live, timeout=15)
+        assert await store.get(alice) == record("alice")
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_large_bucket_loads_completely(nats_server: Any, keys: Keys) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    pubs = [new_user()[1] for _ in range(2000)]
+    await asyncio.gather(*(kv.put(p, record(p[:8])) for p in pubs))
+    store, direct = await watched(nc)
+    try:
+        await until(lambda: store.live, timeout=30)
+        assert store.size == len(pubs)
+        assert all([await store.get(p) == record(p[:8]) for p in pubs[:50]])
+        assert direct.calls == 0
+    finally:
+        await store.stop()
+        await nc.close()
