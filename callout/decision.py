@@ -35,7 +35,6 @@ import base64
 import binascii
 import re
 import secrets
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -44,6 +43,7 @@ import nacl.public
 
 from callout import jwt, xkey
 from callout.keys import CurveKey, KeyError_, KeyKind, SigningKey, decode_public, keys_equal, verify
+from callout.limits import FailureLimiter, SeenRequests
 from callout.records import UNRESTRICTED, Permissions, RecordError, UserRecord, parse_record
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +65,8 @@ NOT_FOR_US: Final = "request_wrong_audience"  # aud is not nats-authorization-re
 WRONG_SERVER: Final = "request_wrong_server"  # iss is not nats.server_id.id / xkey mismatch
 EXPIRED: Final = "request_expired"  # past exp: the server has already given up
 NOT_YET_VALID: Final = "request_not_yet_valid"  # nbf in the future (clock skew?)
-REPLAY: Final = "replay"  # this (server id, user_nkey) was answered before
+REPLAY: Final = "replay"  # this (server id, user_nkey) or (server id, nonce) was answered before
+THROTTLED: Final = "throttled"  # this key or source host keeps failing: denied cheaply
 # Gate 2: the client's proof of key.
 NO_NKEY: Final = "no_nkey"  # client did not present an nkey (user/pass, token, JWT...)
 BAD_NKEY: Final = "bad_nkey"  # connect_opts.nkey is not a user public key
@@ -83,6 +84,10 @@ INTERNAL_ERROR: Final = "internal_error"
 OVERLOADED: Final = "overloaded"  # backlog over --max-backlog: oldest answered with a deny
 
 ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
+# Failures that count against the FailureLimiter. A bad signature proves nothing about the
+# key it names (anyone can claim a key), so it counts against the source host only.
+_HOST_FAILURES: Final = frozenset({NO_NKEY, BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE, THROTTLED})
+_KEY_FAILURES: Final = frozenset({UNKNOWN_USER, REVOKED, RECORD_INVALID, ACCOUNT_NOT_ALLOWED})
 
 # Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
 # leaves room for long chains and stops a flood of huge messages from costing much.
@@ -135,6 +140,11 @@ class Policy:
     # must never set issuer_account: the server refuses it there (protocol.md §3 check 14).
     signers: Mapping[str, AccountSigner] = field(default_factory=dict)
     issuer_account: str | None = None
+    # Failures allowed per key / per source host in `fail_window` seconds before that key or
+    # host is denied without a store lookup (0: off). See FailureLimiter.
+    fail_limit_key: int = 10
+    fail_limit_host: int = 100
+    fail_window: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +162,8 @@ class Request:
     client_host: str = ""
     client_id: int = 0
     client_name: str = ""
+    nonce: str = ""
+    opened_at: float = 0.0
 
     def deadline(self, received: float, backend_timeout: float) -> float:
         """When the store must have answered: --backend-timeout, and never past the request's
@@ -202,36 +214,17 @@ class TimedOut:
 StoreAnswer = Found | Missing | Unavailable | TimedOut
 
 
-@dataclass(slots=True)
-class SeenRequests:
-    """Bounded memory of answered (server id, user_nkey) pairs, each kept until its request
-    expires. Keyed on user_nkey, not jti: the server makes a fresh user_nkey per request,
-    while jti repeats within a second (protocol.md §4, "The request jti is not unique").
-    When full, the oldest entries go first; a replayed request's response is addressed to a
-    user key whose private half the server discarded, so forgetting early is not an admit."""
+@dataclass(frozen=True, slots=True)
+class FirstSight:
+    """The shared replay record (--replay-bucket) had not seen this request."""
 
-    capacity: int = 100_000
-    _entries: OrderedDict[tuple[str, str], float] = field(default_factory=OrderedDict)
 
-    def first_sight(self, server_id: str, user_nkey: str, until: float, now: float) -> bool:
-        entries = self._entries
-        key = (server_id, user_nkey)
-        # Entries are inserted in time order (give or take a second), so expired ones are at
-        # the front; a seen key is only "seen" while it has not expired.
-        while entries:
-            oldest_key, oldest_until = next(iter(entries.items()))
-            if oldest_until >= now:
-                break
-            del entries[oldest_key]
-        if key in entries:
-            return False
-        while len(entries) >= self.capacity:
-            entries.popitem(last=False)
-        entries[key] = until
-        return True
+@dataclass(frozen=True, slots=True)
+class SeenBefore:
+    """Another replica (or we) answered this request already."""
 
-    def __len__(self) -> int:
-        return len(self._entries)
+
+ReplayAnswer = FirstSight | SeenBefore | Unavailable | TimedOut
 
 
 def _b64_signature(text: str) -> bytes | None:
@@ -272,6 +265,14 @@ class Authorizer:
 
     policy: Policy
     seen: SeenRequests = field(default_factory=SeenRequests)
+    seen_nonces: SeenRequests = field(default_factory=SeenRequests)
+    failures_by_key: FailureLimiter = field(init=False)
+    failures_by_host: FailureLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        policy = self.policy
+        self.failures_by_key = FailureLimiter(policy.fail_limit_key, policy.fail_window)
+        self.failures_by_host = FailureLimiter(policy.fail_limit_host, policy.fail_window)
 
     # -- gate 1 and 2 -------------------------------------------------------------------------
     def open(
@@ -361,17 +362,36 @@ class Authorizer:
         except KeyError_:
             raise _Malformed("user_nkey is not a user public key") from None
 
+        sig_text, nonce = connect_opts.get("sig"), client_info.get("nonce")
+        nonce = nonce if isinstance(nonce, str) else ""
+
         # Gate 1 passed: from here on, deny with a signed error response.
         def refuse(reason: str, detail: str) -> Decision:
-            request = Request(server_id, user_nkey, claimed[:64], float(exp), False, xkeys)
+            request = Request(
+                server_id, user_nkey, claimed[:64], float(exp), False, xkeys, host, cid, cname,
+                nonce[:_MAX_NONCE], now,
+            )  # fmt: skip
+            if reason in _HOST_FAILURES:
+                self.failures_by_host.failed(host, now)
             return Decision(reason, detail, request, client_key=claimed[:64])
 
         if self.policy.xkeys and xkeys is None:
             return refuse(
                 XKEY_REQUIRED, "request is plaintext: the server has no auth_callout xkey"
             )
-        if not self.seen.first_sight(server_id, user_nkey, exp + EXP_LEEWAY, now):
+        until = exp + EXP_LEEWAY
+        if not self.seen.first_sight(server_id, user_nkey, until, now):
             return refuse(REPLAY, "this server's user_nkey was answered before")
+        if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, now):
+            return refuse(REPLAY, "this server's client nonce was answered before")
+        internal = bool(claimed) and _is_internal(claimed, self.policy.internal_keys)
+        # A key or host that keeps failing is denied before any work (and never reaches the
+        # store). Internal keys are exempt: they are how operators get in during an incident.
+        if not internal and (
+            self.failures_by_key.throttled(claimed, now)
+            or self.failures_by_host.throttled(host, now)
+        ):
+            return refuse(THROTTLED, "key or host over its failure rate")
 
         # Gate 2: the client's signature over the nonce.
         if not claimed:
@@ -380,8 +400,7 @@ class Authorizer:
             client_raw = decode_public(claimed, KeyKind.USER)
         except KeyError_ as exc:
             return refuse(BAD_NKEY, str(exc))
-        sig_text, nonce = connect_opts.get("sig"), client_info.get("nonce")
-        if not isinstance(sig_text, str) or not sig_text or not isinstance(nonce, str) or not nonce:
+        if not isinstance(sig_text, str) or not sig_text or not nonce:
             return refuse(NO_SIGNATURE, "no sig, or no nonce in the request")
         if len(sig_text) > _MAX_SIG_TEXT or len(nonce) > _MAX_NONCE:
             return refuse(BAD_SIGNATURE, "sig or nonce too long")
@@ -395,16 +414,30 @@ class Authorizer:
             user_nkey=user_nkey,
             client_key=claimed,
             exp=float(exp),
-            internal=_is_internal(claimed, self.policy.internal_keys),
+            internal=internal,
             xkeys=xkeys,
             client_host=host,
             client_id=cid,
             client_name=cname,
+            nonce=nonce,
+            opened_at=now,
         )
 
     # -- gate 3 -------------------------------------------------------------------------------
-    def decide(self, request: Request, answer: StoreAnswer | None) -> Decision:
-        """`answer` is None only for internal keys, which are never looked up."""
+    def decide(
+        self, request: Request, answer: StoreAnswer | None, replay: ReplayAnswer | None = None
+    ) -> Decision:
+        """`answer` is None only for internal keys, which are never looked up. `replay` is the
+        shared replay record's answer (--replay-bucket), None when there is none."""
+        decision = self._decide(request, answer, replay)
+        if decision.reason in _KEY_FAILURES:
+            self.failures_by_key.failed(request.client_key, request.opened_at)
+            self.failures_by_host.failed(request.client_host, request.opened_at)
+        return decision
+
+    def _decide(
+        self, request: Request, answer: StoreAnswer | None, replay: ReplayAnswer | None
+    ) -> Decision:
         policy = self.policy
         if request.internal:
             return Decision(
@@ -416,6 +449,17 @@ class Authorizer:
                 policy.internal_permissions,
                 request.client_key,
             )
+        # The shared replay record fails closed like the store, except for internal keys.
+        match replay:
+            case SeenBefore():
+                return Decision(REPLAY, "answered before (shared replay record)", request,
+                                client_key=request.client_key)  # fmt: skip
+            case Unavailable(detail):
+                return Decision(STORE_UNAVAILABLE, f"replay record: {detail}", request,
+                                client_key=request.client_key)  # fmt: skip
+            case TimedOut():
+                return Decision(STORE_TIMEOUT, "replay record did not answer in time", request,
+                                client_key=request.client_key)  # fmt: skip
         match answer:
             case Found(value):
                 try:

@@ -30,14 +30,18 @@ from callout.decision import (
     OVERLOADED,
     Authorizer,
     Decision,
+    FirstSight,
     Found,
     Missing,
+    ReplayAnswer,
     Request,
+    SeenBefore,
     StoreAnswer,
     TimedOut,
     Unavailable,
 )
 from callout.store import Store, StoreError
+from callout.store.replay import ReplayBucket
 
 SUBJECT = "$SYS.REQ.USER.AUTH"
 
@@ -65,6 +69,8 @@ class CalloutService:
     stats: Stats = field(default_factory=Stats)
     # Called with every decision and its latency in seconds (metrics, audit). Must not block.
     observers: list[Callable[[Decision, float], None]] = field(default_factory=list)
+    # The shared replay record (--replay-bucket), consulted beside the store lookup.
+    replay: ReplayBucket | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _backlog: deque[tuple[Msg, float]] = field(default_factory=deque, init=False)
     _sub: Subscription | None = field(default=None, init=False)
@@ -135,8 +141,15 @@ class CalloutService:
                 decision = opened
             else:
                 request = opened
-                answer = None if request.internal else await self._lookup(request, received)
-                decision = authorizer.decide(request, answer)
+                if request.internal:
+                    decision = authorizer.decide(request, None)
+                elif self.replay is None:
+                    decision = authorizer.decide(request, await self._lookup(request, received))
+                else:
+                    answer, replay = await asyncio.gather(
+                        self._lookup(request, received), self._check_replay(request, received)
+                    )
+                    decision = authorizer.decide(request, answer, replay)
             if decision.drop:
                 self.stats.dropped += 1
                 self._log(decision, received)
@@ -164,6 +177,22 @@ class CalloutService:
         except StoreError as exc:
             return Unavailable(str(exc))
         return Missing() if value is None else Found(value)
+
+    async def _check_replay(self, request: Request, received: float) -> ReplayAnswer:
+        assert self.replay is not None
+        budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
+        if budget <= 0:
+            return TimedOut()
+        try:
+            async with asyncio.timeout(budget):
+                first = await self.replay.first_sight(
+                    request.server_id, request.user_nkey, request.nonce
+                )
+        except TimeoutError:
+            return TimedOut()
+        except StoreError as exc:
+            return Unavailable(str(exc))
+        return FirstSight() if first else SeenBefore()
 
     async def _reply(self, msg: Msg, body: bytes) -> None:
         if not msg.reply:

@@ -207,6 +207,14 @@ def _replay() -> Outcome:
     return Outcome(r, r.run(f, Missing()), f)
 
 
+def _throttled() -> Outcome:
+    r = make_rig(fail_limit_key=2)
+    for _ in range(2):  # two unknown-key failures use up the key's budget
+        assert r.run(r.forge(), Missing()).reason == d.UNKNOWN_USER
+    f = r.forge()
+    return Outcome(r, r.run(f, Missing()), f)
+
+
 def _record_answer(data: bytes, **rig: Any) -> Callable[[], Outcome]:
     return lambda: _plain(Found(data), **rig)()
 
@@ -236,6 +244,7 @@ SCENARIOS: dict[str, Callable[[], Outcome]] = {
     d.EXPIRED: lambda: _plain()(now=NOW - 10),
     d.NOT_YET_VALID: lambda: _plain()(overrides={"nbf": int(NOW) + 60}),
     d.REPLAY: _replay,
+    d.THROTTLED: _throttled,
     d.NO_NKEY: lambda: _plain()(client=None),
     d.BAD_NKEY: lambda: _plain()(overrides={"nats": {"connect_opts": {"nkey": new_account()[1]}}}),
     d.NO_SIGNATURE: lambda: _plain()(overrides={"nats": {"connect_opts": {"sig": DELETE}}}),
@@ -274,7 +283,7 @@ def all_reasons() -> set[str]:
 def test_scenarios_cover_every_reason() -> None:
     # OVERLOADED is the shell's own (load shedding), tested in test_service_shell.py.
     reasons = all_reasons() - {d.OVERLOADED}
-    assert len(reasons) == 25  # sanity: the introspection finds the table of reasons
+    assert len(reasons) == 26  # sanity: the introspection finds the table of reasons
     assert set(SCENARIOS) == reasons
     assert d.ADMIT_REASONS == {d.ADMIT, d.ADMIT_INTERNAL, d.WOULD_DENY}
     assert UNADDRESSABLE <= reasons
@@ -590,7 +599,9 @@ def test_std_signature_with_plus_and_slash() -> None:
     forged = rig.forge(nonce=nonce, sig_encoding="std")
     assert rig.run(forged, Found(ALICE)).reason == d.ADMIT
     unpadded = rig.forge(nonce=nonce, overrides=_sig_override(sig.rstrip("=")))
-    assert rig.run(unpadded, Found(ALICE)).reason == d.BAD_SIGNATURE
+    # A fresh service: the same nonce twice would (rightly) be a replay.
+    fresh = Rig(rig.keys, rig.server, rig.client, Authorizer(rig.policy))
+    assert fresh.run(unpadded, Found(ALICE)).reason == d.BAD_SIGNATURE
 
 
 def _sig_override(sig: Any) -> dict[str, Any]:
@@ -1053,3 +1064,85 @@ def test_forged_request_is_shaped_like_the_server_s() -> None:
         claims["nats"]["user_nkey"].startswith("U") and claims["nats"]["user_nkey"] != client.public
     )
     assert claims["nats"]["connect_opts"]["nkey"] == client.public
+
+
+# --- replay by nonce, the shared replay record, and the failure limiter --------------------------
+def test_same_nonce_from_the_same_server_is_a_replay() -> None:
+    r = make_rig()
+    first = r.forge(nonce="abcdefghijklmno")
+    again = r.forge(nonce="abcdefghijklmno")  # a fresh user_nkey, the same client nonce
+    assert isinstance(r.open(first), Request)
+    decision = r.open(again)
+    assert isinstance(decision, Decision) and decision.reason == d.REPLAY
+    assert "nonce" in decision.detail
+    other_server = r.forge(nonce="abcdefghijklmno", server=ServerIdentity.generate())
+    assert isinstance(r.open(other_server), Request)
+
+
+@pytest.mark.parametrize(
+    ("replay", "reason"),
+    [
+        (d.SeenBefore(), d.REPLAY),
+        (d.Unavailable("down"), d.STORE_UNAVAILABLE),
+        (d.TimedOut(), d.STORE_TIMEOUT),
+        (d.FirstSight(), d.ADMIT),
+        (None, d.ADMIT),
+    ],
+)
+def test_shared_replay_record_fails_closed(replay: Any, reason: str) -> None:
+    r = make_rig()
+    request = r.request(r.forge())
+    decision = r.authorizer.decide(request, Found(record("alice")), replay)
+    assert decision.reason == reason
+
+
+def test_internal_key_never_depends_on_the_replay_record() -> None:
+    r = internal_rig()
+    request = r.request(r.forge())
+    assert r.authorizer.decide(request, None, d.Unavailable("down")).reason == d.ADMIT_INTERNAL
+
+
+def test_throttled_key_recovers_when_it_slows_down() -> None:
+    r = make_rig(fail_limit_key=2, fail_window=10.0)
+    for _ in range(2):
+        assert r.run(r.forge(), Missing()).reason == d.UNKNOWN_USER
+    assert r.run(r.forge(), Missing()).reason == d.THROTTLED
+    # 5 s later one token is back (2 per 10 s): one more try reaches the store.
+    later = NOW + 5.0
+    assert r.run(r.forge(now=later), Found(record("alice")), now=later).reason == d.ADMIT
+
+
+def test_bad_signatures_throttle_the_host_not_the_key() -> None:
+    victim = ClientKey.generate()
+    r = make_rig(client=victim, fail_limit_key=1, fail_limit_host=2)
+    attacker = ClientKey.generate()
+    forged_sig = {"nats": {"connect_opts": {"sig": attacker.sign("wrong")}}}
+    for _ in range(2):
+        assert r.run(r.forge(overrides=forged_sig), Missing()).reason == d.BAD_SIGNATURE
+    # The host is throttled now, whatever key it claims ...
+    assert r.run(r.forge(), Found(record("v"))).reason == d.THROTTLED
+    # ... but the victim's key is not: from another host it is admitted.
+    elsewhere = {"nats": {"client_info": {"host": "10.9.9.9"}}}
+    assert r.run(r.forge(overrides=elsewhere), Found(record("v"))).reason == d.ADMIT
+
+
+def test_internal_keys_are_never_throttled() -> None:
+    r = internal_rig(fail_limit_host=1)
+    bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
+    assert r.run(r.forge(overrides=bad), None).reason == d.BAD_SIGNATURE
+    assert r.run(r.forge(overrides=bad), None).reason in {d.BAD_SIGNATURE}
+    assert r.run(r.forge(), None).reason == d.ADMIT_INTERNAL
+
+
+def test_limiter_is_bounded_and_can_be_off() -> None:
+    from callout.limits import FailureLimiter
+
+    off = FailureLimiter(limit=0)
+    for _ in range(100):
+        off.failed("k", NOW)
+    assert not off.throttled("k", NOW) and len(off) == 0
+    small = FailureLimiter(limit=1, window=1.0, capacity=3)
+    for i in range(10):
+        small.failed(f"k{i}", NOW)
+    assert len(small) == 3
+    assert small.throttled("k9", NOW) and not small.throttled("k0", NOW)
