@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import secrets
 from collections.abc import Mapping
@@ -238,6 +239,16 @@ def _b64_signature(text: str) -> bytes | None:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_record(value: bytes) -> UserRecord | RecordError:
+    """Records are immutable values and the same ones come back connect after connect; the
+    parse (JSON, every subject checked) is cached by the bytes themselves."""
+    try:
+        return parse_record(value)
+    except RecordError as exc:
+        return exc
 
 
 def _is_internal(client_key: str, internal_keys: tuple[str, ...]) -> bool:
@@ -462,11 +473,10 @@ class Authorizer:
                                 client_key=request.client_key)  # fmt: skip
         match answer:
             case Found(value):
-                try:
-                    record = parse_record(value)
-                except RecordError as exc:
+                record = _parse_record(value)
+                if isinstance(record, RecordError):
                     return Decision(
-                        RECORD_INVALID, str(exc), request, client_key=request.client_key
+                        RECORD_INVALID, str(record), request, client_key=request.client_key
                     )
                 return self._decide_record(request, record)
             case Missing():

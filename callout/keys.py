@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import os
 import secrets
@@ -60,15 +61,26 @@ class KeyError_(ValueError):
     """A key or seed that does not decode, or is of the wrong kind. The message is safe to show."""
 
 
-def _crc16(data: bytes) -> int:
-    # CRC-16/XMODEM, as in nats-io/nkeys crc16.go. Bitwise is fast enough: keys are
-    # decoded once per request and 35 bytes long.
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
         for _ in range(8):
             crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-            crc &= 0xFFFF
+        table.append(crc & 0xFFFF)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def _crc16(data: bytes) -> int:
+    # CRC-16/XMODEM, as in nats-io/nkeys crc16.go; table-driven, as three keys are decoded
+    # per request.
+    crc = 0
+    table = _CRC_TABLE
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
     return crc
 
 
@@ -97,6 +109,13 @@ def encode_public(kind: KeyKind, raw: bytes) -> str:
 
 def decode_public(text: str, kind: KeyKind) -> bytes:
     """The 32 raw bytes of a public key of `kind`; KeyError_ for anything else."""
+    return _decode_public(text, kind)
+
+
+# The same server and client keys come back request after request; the per-request
+# user_nkey does not, so the cache is bounded. Errors are not cached (lru_cache skips them).
+@functools.lru_cache(maxsize=8192)
+def _decode_public(text: str, kind: KeyKind) -> bytes:
     if len(text) != PUBLIC_KEY_LENGTH:
         raise KeyError_(f"not a {kind.name.lower()} public key")
     body = _checked(_b32decode(text))
