@@ -43,7 +43,16 @@ from typing import Any, Final, Literal
 import nacl.public
 
 from callout import jwt, xkey
-from callout.keys import CurveKey, KeyError_, KeyKind, SigningKey, decode_public, keys_equal, verify
+from callout.keys import (
+    CurveKey,
+    KeyError_,
+    KeyKind,
+    SigningKey,
+    decode_public,
+    is_public,
+    keys_equal,
+    verify,
+)
 from callout.limits import FailureLimiter, SeenRequests
 from callout.records import UNRESTRICTED, Permissions, RecordError, UserRecord, parse_record
 
@@ -328,7 +337,8 @@ class Authorizer:
         nats = claims.get("nats")
         if not isinstance(nats, dict):
             raise _Malformed("nats claims missing")
-        if nats.get("type") != "authorization_request" or nats.get("version") != 2:
+        version = nats.get("version")
+        if nats.get("type") != "authorization_request" or type(version) is not int or version != 2:
             raise _Malformed("not a v2 authorization_request")
         server = nats.get("server_id")
         if not isinstance(server, dict):
@@ -343,15 +353,20 @@ class Authorizer:
         connect_opts = nats.get("connect_opts") or {}
         if not isinstance(client_info, dict) or not isinstance(connect_opts, dict):
             raise _Malformed("client_info / connect_opts not objects")
-        host, cid, cname = client_info.get("host"), client_info.get("id"), connect_opts.get("name")
-        host = host if isinstance(host, str) else ""
-        cid = cid if type(cid) is int else 0
-        cname = cname[:128] if isinstance(cname, str) else ""
+        host = client_info.get("host", "")
+        cid = client_info.get("id", 0)
+        cname = connect_opts.get("name", "")
+        if not isinstance(host, str) or type(cid) is not int or not isinstance(cname, str):
+            raise _Malformed("client_info.host, client_info.id or connect_opts.name mistyped")
+        cname = cname[:128]
         claimed = connect_opts.get("nkey")
         claimed = claimed if isinstance(claimed, str) else ""
+        # What we may log and audit as the client: only a well-formed public key. The field
+        # is the client's own text; a confused client could put its seed there.
+        shown = claimed if is_public(claimed, KeyKind.USER) else ""
 
         def deny(reason: str, detail: str) -> Decision:
-            return Decision(reason, detail, client_key=claimed[:64])
+            return Decision(reason, detail, client_key=shown)
 
         # The request is signed by `iss`; it must be the server that says it sent it, or
         # any server key could speak for any other (protocol.md §4, "Verifying the request").
@@ -362,11 +377,11 @@ class Authorizer:
         if header_xkey is not None and server.get("xkey") != header_xkey:
             return deny(WRONG_SERVER, "server_id.xkey does not match the Nats-Server-Xkey header")
         if now > exp + EXP_LEEWAY:
-            return Decision(
-                EXPIRED, f"expired {now - exp:.1f}s ago", client_key=claimed[:64], drop=True
-            )
+            return Decision(EXPIRED, f"expired {now - exp:.1f}s ago", client_key=shown, drop=True)
         nbf = claims.get("nbf")
-        if type(nbf) is int and now + EXP_LEEWAY < nbf:
+        if nbf is not None and type(nbf) is not int:
+            raise _Malformed("nbf is not an integer")
+        if nbf is not None and now + EXP_LEEWAY < nbf:
             return deny(NOT_YET_VALID, "nbf is in the future")
         try:
             decode_public(user_nkey, KeyKind.USER)
@@ -379,12 +394,12 @@ class Authorizer:
         # Gate 1 passed: from here on, deny with a signed error response.
         def refuse(reason: str, detail: str) -> Decision:
             request = Request(
-                server_id, user_nkey, claimed[:64], float(exp), False, xkeys, host, cid, cname,
+                server_id, user_nkey, shown, float(exp), False, xkeys, host, cid, cname,
                 nonce[:_MAX_NONCE], now,
             )  # fmt: skip
             if reason in _HOST_FAILURES:
                 self.failures_by_host.failed(host, now)
-            return Decision(reason, detail, request, client_key=claimed[:64])
+            return Decision(reason, detail, request, client_key=shown)
 
         if self.policy.xkeys and xkeys is None:
             return refuse(

@@ -57,7 +57,9 @@ class FailureLimiter:
         if entry is None:
             return float(self.limit)
         tokens, updated = entry
-        return min(float(self.limit), tokens + (now - updated) * self.limit / self.window)
+        # A wall clock stepping back must not extend a penalty: no time passing earns nothing.
+        elapsed = max(0.0, now - updated)
+        return min(float(self.limit), tokens + elapsed * self.limit / self.window)
 
     def throttled(self, identity: str, now: float) -> bool:
         return self.limit > 0 and identity in self._buckets and self._tokens(identity, now) < 1.0

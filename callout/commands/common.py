@@ -6,6 +6,7 @@ import argparse
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import nats
@@ -44,6 +45,10 @@ def user_key(text: str) -> str:
     try:
         decode_public(key, KeyKind.USER)
     except KeyError_ as exc:
+        if key.startswith("S"):
+            # Never echo what may be a seed; and say why it matters.
+            fail("that looks like a seed, not a public key: pass the U... public key (and"
+                 " treat the seed you passed as exposed)")  # fmt: skip
         fail(f"invalid user public key {text[:60]!r}: {exc}")
     return key
 
@@ -71,12 +76,14 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
         return None
     if bool(cert) != bool(key):
         fail("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
+        # ssl reports a missing file without its name (FileNotFoundError.filename is None).
+        if path and not Path(path).is_file():
+            fail(f"{flag} {path}: no such file")
     try:
         context = ssl.create_default_context(cafile=ca)
         if cert and key:
             context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        fail(f"TLS file not found: {exc.filename}")
     except (ssl.SSLError, OSError) as exc:
         fail(f"TLS files cannot be used: {exc}")
     return context
@@ -123,6 +130,11 @@ async def connect(
         # Connection attempts before the first success are summed up by the one-line error.
         if not connected:
             attempts.append(exc)
+            if isinstance(exc, ssl.SSLError):
+                # A failed TLS handshake leaves nats-py's first connect waiting forever to
+                # close the socket when it may reconnect (nats-io/nats.py#718). Raising here
+                # ends that connect with this error; a TLS mistake is not transient anyway.
+                raise exc
         elif report is not None:
             await report(exc)
 

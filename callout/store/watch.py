@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -78,8 +79,13 @@ class WatchedStore:
         self.load_seconds = 0.0
         self._task: asyncio.Task[None] | None = None
         self._restart = asyncio.Event()
+        self._stopping = False
         # Set while live; for readiness checks and tests that wait for the first load.
         self.live_event = asyncio.Event()
+        # Called with (key, old value, new value) for every change after the first load
+        # (live revocation). Must not block.
+        self.listeners: list[Callable[[str, bytes | None, bytes | None], None]] = []
+        self._last_live: dict[str, bytes] | None = None
 
     # -- Store --------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -100,10 +106,13 @@ class WatchedStore:
         self._task = asyncio.create_task(self._run(), name="users-watch")
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: a cancel landing as an asyncio.timeout expires can be
+        # absorbed (Python 3.11), and the loops must still end.
+        self._stopping = True
+        self._restart.set()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=5)
             self._task = None
         self._go_dark("stopped")
 
@@ -116,6 +125,13 @@ class WatchedStore:
         """From the connection's reconnected callback: reload now rather than at the next retry."""
         self._restart.set()
 
+    def _notify(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(key, old, new)
+            except Exception as exc:  # a listener's bug must not stop the watch
+                log.error("users_cache_listener_error", exception=type(exc).__name__)
+
     def _go_dark(self, state: str) -> None:
         if self._live:
             log.warning("users_cache_not_live", bucket=self.bucket, state=state)
@@ -126,7 +142,7 @@ class WatchedStore:
 
     # -- the watch ----------------------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._restart.clear()
             try:
                 await self._watch_once()
@@ -160,13 +176,17 @@ class WatchedStore:
             meta = msg.metadata
             key = msg.subject[prefix:]
             headers = msg.headers
+            old = records.get(key)
             if headers and (
                 headers.get(_KV_OPERATION) in _DELETE_OPS
                 or headers.get(_MARKER_REASON) in _MARKER_DELETES
             ):
                 records.pop(key, None)
+                new = None
             else:
-                records[key] = msg.data
+                records[key] = new = msg.data
+            if loaded.is_set() and old != new:
+                self._notify(key, old, new)
             if meta.sequence.stream > self._seen_seq:
                 self._seen_seq = meta.sequence.stream
             if meta.num_pending == 0:
@@ -192,6 +212,13 @@ class WatchedStore:
             if info.num_pending == 0 and sub.delivered == 0:
                 loaded.set()  # an empty bucket sends nothing to mark the end of the load
             await loaded.wait()
+            # Changes made while we were not watching (a reconnect, a reload) are found by
+            # comparing with the last copy that was live.
+            previous, self._last_live = self._last_live, records
+            if self.listeners and previous is not None:
+                for key in previous.keys() | records.keys():
+                    if previous.get(key) != records.get(key):
+                        self._notify(key, previous.get(key), records.get(key))
             self._records = records
             # Writes that landed during the load are on their way; the next probe checks them.
             probe = await self._probe()
@@ -211,7 +238,7 @@ class WatchedStore:
                 await sub.unsubscribe()
 
     async def _follow(self, previous: _Probe) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._probe_interval):
                     await self._restart.wait()

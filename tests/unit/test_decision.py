@@ -1025,7 +1025,8 @@ def test_not_yet_valid() -> None:
     assert isinstance(rig.open(rig.forge(overrides={"nbf": int(NOW) + 1})), Request)
     decision = rig.open(rig.forge(overrides={"nbf": int(NOW) + 2}))
     assert isinstance(decision, Decision) and decision.reason == d.NOT_YET_VALID
-    assert isinstance(rig.open(rig.forge(overrides={"nbf": "later"})), Request)  # not an int
+    mistyped = rig.open(rig.forge(overrides={"nbf": "later"}))  # not an int: refused
+    assert isinstance(mistyped, Decision) and mistyped.reason == d.MALFORMED
 
 
 def test_deadline_never_past_exp() -> None:
