@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from callout import __version__, log
-from callout.commands import connect, dev, keys, serve, users
+from callout.commands import connect, dev, keys, replay, serve, users
 from callout.commands.common import UserError
 from callout.keys import KeyError_, SeedFileError
 from callout.records import RecordError
@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"callout {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (serve, users, keys, dev, connect):
+    for command in (serve, users, keys, dev, connect, replay):
         command.register(sub)
     return p
 

@@ -21,9 +21,9 @@ class _JsonFormatter(logging.Formatter):
         doc: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "event": _event(record),
         }
-        doc.update(getattr(record, "fields", {}))
+        doc.update(_fields(record))
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = record.exc_info[0].__name__
         return orjson.dumps(doc, default=str).decode()
@@ -31,9 +31,29 @@ class _JsonFormatter(logging.Formatter):
 
 class _ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        return f"{stamp} {record.levelname.lower():7} {record.getMessage():18} {fields}".rstrip()
+        return f"{stamp} {record.levelname.lower():7} {_event(record):18} {fields}".rstrip()
+
+
+# Records from other libraries (asyncio, nats-py) reach the root logger: they get the event
+# name "library" and the first line of their text as a field, so every line still has an
+# event; a traceback is reduced to the exception's type (it could quote anything, secrets
+# included).
+def _event(record: logging.LogRecord) -> str:
+    return record.getMessage() if hasattr(record, "fields") else "library"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    ours: dict[str, Any] | None = getattr(record, "fields", None)
+    if ours is not None:
+        return ours
+    # First line only: asyncio puts the failed task's repr, exception text included, below it.
+    first_line = record.getMessage().split("\n", 1)[0][:200]
+    fields: dict[str, Any] = {"logger": record.name, "message": first_line}
+    if record.exc_info and record.exc_info[0] is not None:
+        fields["exception"] = record.exc_info[0].__name__
+    return fields
 
 
 def setup(level: str = "info", fmt: str = "json") -> None:
@@ -42,6 +62,9 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     _LOGGER.handlers[:] = [handler]
     _LOGGER.setLevel(level.upper())
     _LOGGER.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
 
 
 def _log(level: int, event: str, fields: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ from callout.decision import (
     TimedOut,
     Unavailable,
 )
+from callout.recording import Recorder
 from callout.store import Store, StoreError
 from callout.store.replay import ReplayBucket
 
@@ -71,6 +72,8 @@ class CalloutService:
     observers: list[Callable[[Decision, float], None]] = field(default_factory=list)
     # The shared replay record (--replay-bucket), consulted beside the store lookup.
     replay: ReplayBucket | None = None
+    # --record-dir: given every handled request (bytes as received) and its decision.
+    recorder: Recorder | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _backlog: deque[tuple[Msg, float]] = field(default_factory=deque, init=False)
     _sub: Subscription | None = field(default=None, init=False)
@@ -101,6 +104,10 @@ class CalloutService:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     @property
+    def subscribed(self) -> bool:
+        return self._sub is not None
+
+    @property
     def inflight(self) -> int:
         return len(self._tasks)
 
@@ -118,7 +125,9 @@ class CalloutService:
             oldest, oldest_received = self._backlog.popleft()
             self.stats.shed += 1
             await self._reply(oldest, b"")
-            self._log(Decision(OVERLOADED, f"backlog over {self.max_backlog}"), oldest_received)
+            shed = Decision(OVERLOADED, f"backlog over {self.max_backlog}")
+            self._log(shed, oldest_received)
+            self._record(oldest, oldest_received, shed)
         self._backlog.append((msg, received))
 
     def _spawn(self, msg: Msg, received: float) -> None:
@@ -153,6 +162,7 @@ class CalloutService:
             if decision.drop:
                 self.stats.dropped += 1
                 self._log(decision, received)
+                self._record(msg, received, decision)
                 return
             body = authorizer.respond(decision, self.clock())
         except Exception as exc:  # fail closed: a bug must deny, never admit or go silent
@@ -164,6 +174,7 @@ class CalloutService:
                 body = b""  # the empty body is still an immediate deny
         await self._reply(msg, body)
         self._log(decision, received)
+        self._record(msg, received, decision)
 
     async def _lookup(self, request: Request, received: float) -> StoreAnswer:
         budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
@@ -205,6 +216,14 @@ class CalloutService:
             # The connection is gone; the server will time the client out. Nothing else to do.
             self.stats.errors += 1
             log.error("reply_failed", exception=type(exc).__name__)
+
+    def _record(self, msg: Msg, received: float, decision: Decision) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.record(msg.data, msg.headers, received, decision)
+        except Exception as exc:  # the recorder's bug must not touch decisions
+            log.error("recorder_error", exception=type(exc).__name__)
 
     def _log(self, decision: Decision, received: float) -> None:
         latency_ms = round((self.clock() - received) * 1000, 2)

@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from callout import log
+from callout import log, operations, recording
 from callout.commands.common import (
     Identity,
     add_identity_flags,
@@ -19,20 +20,31 @@ from callout.commands.common import (
     permissions_json,
     user_key,
 )
-from callout.config import add, non_negative_float, positive_float, positive_int
+from callout.config import (
+    add,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    replicas,
+)
 from callout.decision import AccountSigner, Authorizer, Policy
 from callout.keys import (
     CurveKey,
     KeyError_,
     KeyKind,
+    SigningKey,
     decode_public,
     load_curve_key,
     load_signing_key,
 )
 from callout.records import account_problem
+from callout.revocation import Revoker
 from callout.service import CalloutService
-from callout.store import StoreError
+from callout.store import Store, StoreError
 from callout.store import kv as kvstore
+from callout.store.replay import ReplayBucket
+from callout.store.watch import WatchedStore
 
 
 def _signers(args: argparse.Namespace) -> dict[str, AccountSigner]:
@@ -55,7 +67,15 @@ def _signers(args: argparse.Namespace) -> dict[str, AccountSigner]:
 
 def build_policy(args: argparse.Namespace) -> tuple[Policy, Identity]:
     identity = identity_from_args(args, "service identity")
-    issuer = load_signing_key(args.issuer_seed_file, KeyKind.ACCOUNT, "issuer (--issuer-seed-file)")
+    return policy_from_args(args), identity
+
+
+def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None) -> Policy:
+    """The decision policy from the flags `add_policy_flags` defines (serve and replay)."""
+    if issuer is None:
+        issuer = load_signing_key(
+            args.issuer_seed_file, KeyKind.ACCOUNT, "issuer (--issuer-seed-file)"
+        )
     xkeys: tuple[CurveKey, ...] = tuple(load_curve_key(p) for p in args.xkey_seed_file or [])
     for name, flag in ((args.account, "--account"), (args.callout_account, "--callout-account")):
         if (problem := account_problem(name)) is not None:
@@ -81,9 +101,18 @@ def build_policy(args: argparse.Namespace) -> tuple[Policy, Identity]:
                 decode_public(args.issuer_account, KeyKind.ACCOUNT)
             except KeyError_ as exc:
                 fail(f"--issuer-account: {exc}")
+        # Placement is by the signing account's key here, not by name, so the name check on
+        # --allowed-account does not keep users out of the callout account: this does.
+        callout_keys = {issuer.public, args.issuer_account or issuer.public}
+        for name, signer in signers.items():
+            if signer.account in callout_keys or signer.key.public in callout_keys:
+                fail(
+                    f"--account-signer {name}: that is the callout account's key; users are"
+                    " never placed in the callout account"
+                )
     elif signers or args.issuer_account:
         fail("--account-signer and --issuer-account are for operator mode (--operator)")
-    policy = Policy(
+    return Policy(
         issuer=issuer,
         account=args.account,
         allowed_accounts=allowed,
@@ -97,16 +126,24 @@ def build_policy(args: argparse.Namespace) -> tuple[Policy, Identity]:
         forbidden_accounts=forbidden,
         signers=signers,
         issuer_account=args.issuer_account or None,
+        fail_limit_key=args.fail_limit_key,
+        fail_limit_host=args.fail_limit_host,
+        fail_window=args.fail_window,
     )
-    return policy, identity
 
 
-async def _nats_events() -> dict[str, Callable[..., Awaitable[None]]]:
+async def _nats_events(
+    listeners: list[WatchedStore],
+) -> dict[str, Callable[..., Awaitable[None]]]:
     async def disconnected() -> None:
         log.warning("nats_disconnected")
+        for listener in listeners:
+            listener.disconnected()
 
     async def reconnected() -> None:
         log.info("nats_reconnected")
+        for listener in listeners:
+            listener.reconnected()
 
     async def error(exc: Exception) -> None:
         log.warning("nats_error", exception=type(exc).__name__, detail=str(exc)[:200])
@@ -114,12 +151,70 @@ async def _nats_events() -> dict[str, Callable[..., Awaitable[None]]]:
     return {"disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error}
 
 
+async def _revoker(args: argparse.Namespace, user_ttl: float) -> Revoker | None:
+    """A system-account connection to kick revoked users' sessions, when one is configured."""
+    if not (args.system_nkey_seed_file or args.system_creds):
+        log.warning(
+            "revocation_new_connections_only",
+            detail="no --system-nkey-seed-file / --system-creds: a revoked user keeps its live"
+            " connections until its JWT expires",
+        )
+        return None
+    system = identity_from_args(
+        argparse.Namespace(
+            nkey_seed_file=args.system_nkey_seed_file,
+            creds=args.system_creds,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        ),
+        "system identity",
+    )
+    nc = await connect(args.nats_url, system, name="callout-revoker", reconnect=True)
+    return Revoker(nc, user_ttl)
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     policy, identity = build_policy(args)
+    recorder: recording.Recorder | None = None
+    if args.record_dir:
+        try:
+            recorder = recording.Recorder(
+                Path(args.record_dir), max_bytes=args.record_max_bytes, xkeys=policy.xkeys
+            )
+        except recording.RecordDirError as exc:
+            fail(str(exc))
+    # The cache must hear about a dropped connection before anything else can ask it.
+    listeners: list[WatchedStore] = []
     nc = await connect(
-        args.nats_url, identity, name="callout", reconnect=True, callbacks=await _nats_events()
+        args.nats_url,
+        identity,
+        name="callout",
+        reconnect=True,
+        callbacks=await _nats_events(listeners),
     )
-    store = kvstore.KVStore(nc, args.users_bucket, request_timeout=max(policy.backend_timeout, 1.0))
+    # The shell's deadline bounds every lookup; this only stops nats-py giving up first.
+    timeout = max(policy.backend_timeout, 1.0)
+    direct = kvstore.KVStore(nc, args.users_bucket, request_timeout=timeout)
+    store: Store = direct
+    revoker = await _revoker(args, policy.user_ttl)
+    watched: WatchedStore | None = None
+    # Live revocation needs the watch even when lookups do not use it.
+    if args.users_cache == "watch" or revoker is not None:
+        watched = WatchedStore(nc, args.users_bucket, direct=direct)
+        listeners.append(watched)
+        if revoker is not None:
+            watched.listeners.append(revoker.record_changed)
+        watched.start()
+        if args.users_cache == "watch":
+            store = watched
+    replay: ReplayBucket | None = None
+    if args.replay_bucket:
+        replay = ReplayBucket(nc, args.replay_bucket, request_timeout=timeout)
+        try:
+            await replay.ensure(args.replicas)
+        except StoreError as exc:  # fail closed at lookup time; the service still starts
+            log.warning("replay_bucket_unavailable", bucket=args.replay_bucket, detail=str(exc))
     service = CalloutService(
         nc,
         Authorizer(policy),
@@ -127,23 +222,37 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         queue=args.queue_group,
         max_inflight=args.max_inflight,
         max_backlog=args.max_backlog,
+        replay=replay,
+        recorder=recorder,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    if revoker is not None:
+        service.observers.append(revoker.observe)
     await service.start()
+    ops = await operations.start(nc, service, store, args)
     # Tell the operator now, not at the first denied user, that the store is not there.
     # The service serves on regardless: internal keys do not need the store.
     try:
         async with asyncio.timeout(policy.backend_timeout):
-            await store.get(identity.key.public)
+            await direct.get(identity.key.public)
     except (StoreError, TimeoutError) as exc:
         log.warning("store_unavailable", bucket=args.users_bucket, detail=str(exc) or "timeout")
     await stop.wait()
     log.info("stopping", inflight=service.inflight)
     await service.stop()
+    if recorder is not None:
+        await recorder.close()
+    # After the service: the decisions of the requests it finished are audited and counted.
+    await ops.stop()
+    if watched is not None:
+        await watched.stop()
+    if revoker is not None:
+        await revoker.stop()
+        await revoker.system.close()
     try:
         async with asyncio.timeout(5):
             await nc.drain()
@@ -153,14 +262,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     return 0
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="answer auth-callout requests")
-    add(p, "--nats-url", required=True, help="NATS server URL(s), comma-separated")
-    add_identity_flags(p, "the service's identity (an auth_users member)")
-    add(p, "--issuer-seed-file", required=True, help="auth_callout.issuer account seed (SA...)")
+def add_policy_flags(p: argparse.ArgumentParser, *, issuer_required: bool = True) -> None:
+    """The flags `policy_from_args` reads: `callout replay` rebuilds the same decision core."""
+    add(
+        p,
+        "--issuer-seed-file",
+        required=issuer_required,
+        help="auth_callout.issuer account seed (SA...)",
+    )
     add(p, "--xkey-seed-file", action="append", help="auth_callout xkey seed (SX...); repeatable")
     add(p, "--account", required=True, help="account users are placed in by default")
-    add(p, "--users-bucket", default="users", help="JetStream KV bucket of user records")
     add(p, "--internal-key", action="append", help="user key admitted without the store")
     add(p, "--internal-permissions", help="JSON permissions for internal keys (default: none)")
     add(p, "--mode", choices=["enforce", "soft"], default="enforce", help="soft admits unknown")
@@ -188,9 +299,42 @@ def register(sub: Any) -> None:
     )
     add(p, "--callout-account", default="AUTH", help="auth_callout.account; never placed into")
     add(p, "--system-account", default="SYS", help="the system account; never placed into")
+    add(
+        p, "--fail-limit-key", type=non_negative_int, default=10, help="failures per key per window"
+    )
+    add(p, "--fail-limit-host", type=non_negative_int, default=100, help="failures per host")
+    add(p, "--fail-window", type=positive_float, default=10.0, help="failure window, seconds")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="answer auth-callout requests")
+    add(p, "--nats-url", required=True, help="NATS server URL(s), comma-separated")
+    add_identity_flags(p, "the service's identity (an auth_users member)")
+    add_policy_flags(p)
+    add(p, "--users-bucket", default="users", help="JetStream KV bucket of user records")
+    add(
+        p,
+        "--users-cache",
+        choices=["watch", "off"],
+        default="watch",
+        help="watch: answer from a watched copy of the bucket while it is provably current",
+    )
+    add(p, "--system-nkey-seed-file", help="a system-account user seed: kicks revoked sessions")
+    add(p, "--system-creds", help="a system-account .creds file: kicks revoked sessions")
     add(p, "--queue-group", default="callout", help="queue group shared by replicas")
     add(p, "--max-inflight", type=positive_int, default=256, help="requests handled at once")
     add(p, "--max-backlog", type=positive_int, default=20_000, help="requests allowed to wait")
+    add(p, "--replay-bucket", help="KV bucket shared by replicas to recognise replayed requests")
+    add(p, "--replicas", type=replicas, default=None, help="replicas for a replay bucket we create")
+    add(p, "--record-dir", help="write every request and its decision here, for callout replay")
+    add(
+        p,
+        "--record-max-bytes",
+        type=operations.byte_size,
+        default=recording.DEFAULT_MAX_BYTES,
+        help="start a new recording file past this size (e.g. 64MiB)",
+    )
     add(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add(p, "--log-format", default="json", choices=["json", "console"])
+    operations.register_flags(p)
     p.set_defaults(run=lambda a: serve(a), logs=True)

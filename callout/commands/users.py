@@ -1,17 +1,22 @@
-"""`callout users`: add, get, list and revoke records in the users bucket."""
+"""`callout users`: add, get, list and revoke records in the users bucket; import them in bulk
+(JSON lines, CSV, SQLite) and export them (the work is in `callout.migrate`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import nats.errors
 import orjson
 from nats.aio.client import Client
 
+from callout import migrate
 from callout.commands.common import (
+    Identity,
     add_identity_flags,
     connect,
     fail,
@@ -27,6 +32,7 @@ from callout.records import (
     dump_record,
     subject_problem,
 )
+from callout.store import StoreError
 from callout.store import kv as kvstore
 
 
@@ -39,7 +45,10 @@ def _show(key: str, value: bytes) -> dict[str, Any]:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError:
         return {"key": key, "invalid_record": value[:200].decode("utf-8", "replace")}
-    return {"key": key, **doc} if isinstance(doc, dict) else {"key": key, "invalid_record": doc}
+    if not isinstance(doc, dict):
+        return {"key": key, "invalid_record": doc}
+    # The bucket key wins over any "key" field a record may carry (it would misname the user).
+    return {"key": key, **{k: v for k, v in doc.items() if k != "key"}}
 
 
 def _subjects(values: Sequence[str] | None, flag: str) -> tuple[str, ...]:
@@ -50,6 +59,8 @@ def _subjects(values: Sequence[str] | None, flag: str) -> tuple[str, ...]:
 
 
 async def users(args: argparse.Namespace) -> int:
+    if args.action in _BULK:
+        return await _bulk(args)
     # Validate everything the command was given before connecting, so nothing is half-written.
     key = user_key(args.key) if getattr(args, "key", None) else ""
     record: UserRecord | None = None
@@ -91,14 +102,16 @@ async def users(args: argparse.Namespace) -> int:
             async for k, value in kvstore.entries(nc, args.users_bucket):
                 _out(_show(k, value))
         elif args.action == "revoke":
-            return await _revoke(nc, args.users_bucket, bucket, key)
+            return await _revoke(nc, args.users_bucket, bucket, key, args.keep_sessions)
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
     return 0
 
 
-async def _revoke(nc: Client, bucket_name: str, bucket: kvstore.KVStore, key: str) -> int:
+async def _revoke(
+    nc: Client, bucket_name: str, bucket: kvstore.KVStore, key: str, keep_sessions: bool = False
+) -> int:
     # Compare-and-set, so a concurrent edit of the record is not overwritten; retried on conflict.
     for _ in range(5):
         entry = await bucket.get_entry(key)
@@ -114,6 +127,8 @@ async def _revoke(nc: Client, bucket_name: str, bucket: kvstore.KVStore, key: st
             # An unreadable record already denies; replace it with a revoked one for the audit.
             doc = {"name": "", "invalid_record_replaced": True}
         doc["revoked"] = True
+        # Read by the service's live revocation: true leaves the user's live connections be.
+        doc["keep_sessions"] = keep_sessions
         if await kvstore.update(nc, bucket_name, key, orjson.dumps(doc), revision):
             _out({"key": key, **doc})
             return 0
@@ -144,5 +159,155 @@ def register(sub: Any) -> None:
     g.add_argument("key")
     actions.add_parser("list", help="print every record, one JSON object per line")
     r = actions.add_parser("revoke", help="mark a user revoked (the record stays)")
+    r.add_argument(
+        "--keep-sessions",
+        action="store_true",
+        help="do not close the user's live connections (new ones are denied either way)",
+    )
     r.add_argument("key")
+    _register_bulk(actions)
     p.set_defaults(run=users, logs=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# import, import-sqlite, export
+# ---------------------------------------------------------------------------------------------
+_BULK = ("import", "import-sqlite", "export")
+_COLUMN_FIELDS = ("key", *migrate.FIELDS)
+
+
+def _say(line: str) -> None:
+    print(f"callout: {line}", file=sys.stderr)
+
+
+async def _bulk(args: argparse.Namespace) -> int:
+    identity = identity_from_args(args, "callout users")
+    if args.action == "export":
+        return await _export(args, identity)
+    # The whole input is read and validated before connecting: invalid rows write nothing.
+    try:
+        if args.action == "import":
+            collected = _read_file(args.file, args.format)
+        else:
+            columns = {name: getattr(args, f"{name}_column") for name in _COLUMN_FIELDS}
+            source = migrate.SqliteSource(args.db, args.table, columns)
+            mapped = ", ".join(f"{name} <- {col!r}" for name, col in source.mapping.items())
+            unread = [name for name in _COLUMN_FIELDS if name not in source.mapping]
+            _say(
+                f"table {source.table!r}: {mapped}"
+                + (f"; not read: {', '.join(unread)}" if unread else "")
+            )
+            collected = migrate.collect(source)
+    except migrate.SourceError as exc:
+        fail(str(exc))
+    if collected.invalid:
+        return _finish(migrate.Report.of(collected, dry_run=args.dry_run, planned=False))
+    nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
+    try:
+        bucket = await migrate.open_bucket(
+            nc, args.users_bucket, create=not args.dry_run, replicas=args.replicas
+        )
+        await migrate.plan(bucket, collected.items, overwrite=args.overwrite)
+        if not args.dry_run:
+            assert bucket is not None  # created when missing
+            await migrate.apply(bucket, collected.items.values())
+    except nats.errors.Error as exc:
+        raise StoreError(f"NATS error: {type(exc).__name__}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    return _finish(migrate.Report.of(collected, dry_run=args.dry_run, planned=True))
+
+
+def _read_file(path: str, fmt: str | None) -> migrate.Collected:
+    fmt = fmt or ("csv" if path.lower().endswith(".csv") else "jsonl")
+    try:
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+    with stream:
+        if fmt == "csv":
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+            return migrate.collect(migrate.read_csv(text))
+        return migrate.collect(migrate.read_jsonl(stream))
+
+
+def _finish(report: migrate.Report) -> int:
+    for line in report.lines():
+        _say(line)
+    _out(report.summary())
+    return 0 if report.ok else 1
+
+
+async def _export(args: argparse.Namespace, identity: Identity) -> int:
+    nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
+    try:
+        if await migrate.open_bucket(nc, args.users_bucket, create=False, replicas=None) is None:
+            raise StoreError(f"bucket {args.users_bucket!r} does not exist")
+        entries = await migrate.bucket_entries(nc, args.users_bucket)
+    except nats.errors.Error as exc:
+        raise StoreError(f"NATS error: {type(exc).__name__}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    out = sys.stdout.buffer
+    exported = problems = 0
+    for key, value in entries:
+        line, problem = migrate.export_line(key, value)
+        if line is not None:
+            out.write(line)
+            exported += 1
+        if problem is not None:
+            problems += 1
+            _say(f"{key}: {problem}")
+    out.flush()
+    _say(f"exported {exported} of {len(entries)} records")
+    # Non-zero when the output would not import cleanly, so a backup job notices.
+    return 1 if problems else 0
+
+
+def _register_bulk(actions: Any) -> None:
+    def apply_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--dry-run", action="store_true", help="report what would change, write nothing"
+        )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace existing records that differ (default: report them as conflicting)",
+        )
+
+    i = actions.add_parser(
+        "import", help="add records from JSON lines or CSV; every row is validated first"
+    )
+    i.add_argument("file", help="JSON lines (as `export` writes) or CSV with a header; - is stdin")
+    i.add_argument(
+        "--format",
+        choices=("jsonl", "csv"),
+        default=None,
+        help="default: csv for *.csv, else jsonl",
+    )
+    apply_flags(i)
+    s = actions.add_parser(
+        "import-sqlite", help="add records from a table of an SQLite database (opened read-only)"
+    )
+    s.add_argument("db", help="SQLite database file")
+    s.add_argument("--table", default="users", help="table or view to read (default: users)")
+    what = {
+        "key": "user public key",
+        "admin": "admin flag (0/1)",
+        "revoked": "revoked flag (0/1)",
+        "permissions": "permissions object as JSON",
+    }
+    for name in _COLUMN_FIELDS:
+        s.add_argument(
+            f"--{name}-column",
+            default=None,
+            metavar="COLUMN",
+            help=f"column holding the {what.get(name, name)} (default: the column named {name!r}"
+            + (")" if name == "key" else ", if there is one)"),
+        )
+    apply_flags(s)
+    actions.add_parser(
+        "export", help="print every record as JSON lines sorted by key (import reads them back)"
+    )

@@ -3,9 +3,11 @@ through the sans-I/O core with the recorded arrival time as a fixed clock.
 
 The data comes from ``tests/replay/record.py`` (run by hand; see its docstring). Each case
 holds the exact payload and headers the service received, the store contents to answer
-with, and the decision the issue's rules demand. The responses are decoded here with an
-independent JWT/nkey decoder (PyNaCl + base32, not ``callout.jwt``), so a bug shared by the
-encoder and the decoder in ``callout`` cannot hide.
+with, and the decision the issue's rules demand. The cases are read and fed to the core by
+``callout.replay``, the mechanism behind ``callout replay`` (so these tests are also its
+tests, and the CLI is run over the committed cases at the end). The responses are decoded
+here with an independent JWT/nkey decoder (PyNaCl + base32, not ``callout.jwt``), so a bug
+shared by the encoder and the decoder in ``callout`` cannot hide.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import nkeys
 import orjson
 import pytest
 
-from callout.decision import Authorizer, Decision, Found, Missing, Policy, StoreAnswer
+from callout import cli, replay
+from callout.decision import Authorizer, Decision, Policy, StoreAnswer
 from callout.keys import CurveKey, SigningKey
 from tests.harness import decode_curve_public, decode_curve_seed, new_curve
+from tests.service import write_seed
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "cases"
@@ -80,12 +84,23 @@ def server_box(headers: dict[str, str]) -> nacl.public.Box:
 class Case:
     name: str
     client: str
-    payload: bytes
-    headers: dict[str, str] | None
-    received_at: float
+    entry: replay.Entry  # the case as `callout replay` reads it
     encrypted: bool
     users: dict[str, dict[str, Any] | None]
     expect: dict[str, Any]
+
+    @property
+    def payload(self) -> bytes:
+        assert self.entry.payload is not None
+        return self.entry.payload
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self.entry.headers
+
+    @property
+    def received_at(self) -> float:
+        return self.entry.received_at
 
     @property
     def request(self) -> dict[str, Any]:
@@ -100,12 +115,14 @@ class Case:
 @cache
 def load(path: Path) -> Case:
     doc = json.loads(path.read_text())
+    entry = replay.read_case(path)
+    # The reader's view of the file must be the file (checked against a plain json.loads).
+    assert entry.payload == base64.b64decode(doc["payload_b64"])
+    assert (entry.headers, entry.received_at) == (doc["headers"], doc["received_at"])
     return Case(
         name=path.stem,
         client=doc["client"],
-        payload=base64.b64decode(doc["payload_b64"]),
-        headers=doc["headers"],
-        received_at=doc["received_at"],
+        entry=entry,
         encrypted=doc["encrypted"],
         users=doc["users"],
         expect=doc["expect"],
@@ -133,16 +150,14 @@ def policy(*, encrypted: bool, xkey_seed: str | None = None) -> Policy:
 
 def store_answer(case: Case, client_key: str) -> StoreAnswer:
     assert client_key in case.users, f"{case.name}: the core looked up an unexpected key"
-    value = case.users[client_key]
-    return Missing() if value is None else Found(orjson.dumps(value))
+    assert case.entry.users is not None
+    return replay.answer(case.entry.users, client_key)
 
 
 def run(authorizer: Authorizer, case: Case, now: float) -> Decision:
-    opened = authorizer.open(case.payload, case.headers, now)
-    if isinstance(opened, Decision):
-        return opened
-    answer = None if opened.internal else store_answer(case, opened.client_key)
-    return authorizer.decide(opened, answer)
+    return replay.decide(
+        authorizer, case.payload, case.headers, now, lambda key: store_answer(case, key)
+    )
 
 
 def response_claims(case: Case, body: bytes) -> dict[str, Any]:
@@ -202,16 +217,19 @@ def test_recorded_request_is_authentic(path: Path) -> None:
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
 def test_decision_and_response(path: Path) -> None:
     case = load(path)
-    authorizer = Authorizer(policy(encrypted=case.encrypted))
+    replayer = replay.Replayer(policy(encrypted=case.encrypted))
+    outcome = replayer.run(case.entry)
+    assert outcome.decision is not None and outcome.new is not None, outcome.skipped
+    decision = outcome.decision
     now = case.received_at
-    decision = run(authorizer, case, now)
 
     assert decision.reason == case.expect["reason"], decision.detail
     assert decision.admit is case.expect["admit"]
     assert (decision.account or None) == case.expect["account"]
     assert not decision.drop
+    assert not outcome.changed  # what `callout replay` reports for this case
     # Every recorded request is authentic, so every one gets a signed answer (admit or error).
-    body = authorizer.respond(decision, now=now, jitter=0)
+    body = replayer.authorizer.respond(decision, now=now, jitter=0)
     claims = response_claims(case, body)
     assert claims["iat"] == int(now)
     request = case.request["nats"]
@@ -323,3 +341,95 @@ def test_edited_request_claims_fail_the_server_signature() -> None:
     assert not decision.admit
     # The untouched request still opens: the edit, not the fixture, made the difference.
     assert not isinstance(authorizer.open(case.payload, None, case.received_at), Decision)
+
+
+# ---------------------------------------------------------------------------------------------
+# `callout replay` over the committed cases: the CLI reads the same files, feeds them the same
+# way, and agrees with the hand-written expectations; a policy change shows as exactly the
+# decisions it changes.
+# ---------------------------------------------------------------------------------------------
+def cases_of(mode: str) -> list[str]:
+    return [str(p) for p in CASE_FILES if p.stem.startswith(f"{mode}_")]
+
+
+def replay_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]]:
+    code = cli.main(["replay", *args])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def policy_flags(tmp_path: Path, mode: str) -> list[str]:
+    flags = ["--account", KEYS["account"], "--internal-key", KEYS["internal_keys"][0]]
+    if mode == "encrypted":
+        flags += ["--xkey-seed-file", str(write_seed(tmp_path / "xkey.nk", KEYS["xkey_seed"]))]
+    return flags
+
+
+def changes(lines: list[str]) -> dict[str, int]:
+    found = {}
+    for line in lines:
+        if line.startswith("  changed  "):
+            change, _, count = line[len("  changed  ") :].rpartition(": ")
+            found[change] = int(count)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["plain", "encrypted"])
+def test_cli_replays_the_committed_cases_unchanged(
+    mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = cases_of(mode)
+    code, lines = replay_cli(capsys, *files, *policy_flags(tmp_path, mode))
+    assert code == 0, lines
+    assert lines[-1] == (
+        f"replayed {len(files)} of {len(files)} requests (clock: recorded):"
+        f" {len(files)} unchanged, 0 changed, 0 skipped"
+    )
+    per_request = lines[:-1]
+    assert len(per_request) == len(files) and all(line.endswith("  same") for line in per_request)
+    expected = {load(Path(f)).expect["reason"] for f in files}
+    assert {line.split()[2].split(":")[1].split("@")[0] for line in per_request} == expected
+
+
+def test_cli_shows_exactly_what_a_policy_change_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Soft mode, and the internal key no longer configured.
+    code, lines = replay_cli(capsys, *cases_of("plain"), "--account", "APP", "--mode", "soft")
+    assert code == 1
+    assert changes(lines) == {
+        "admit:internal@APP -> admit:would_deny@APP": 1,
+        "deny:unknown_user -> admit:would_deny@APP": 1,
+    }
+    changed = [line for line in lines if line.endswith("  CHANGED")]
+    internal_key = KEYS["internal_keys"][0]
+    unknown_key = next(iter(case_named("plain_unknown").users))
+    assert sorted(line.split()[1] for line in changed) == sorted([internal_key, unknown_key])
+
+
+def test_cli_users_file_replaces_the_cases_users(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users: dict[str, Any] = {}
+    for path in CASE_FILES:
+        if path.stem.startswith("plain_"):
+            users.update({k: v for k, v in load(path).users.items() if v is not None})
+    alice = next(iter(case_named("plain_known_natspy").users))
+    users[alice] = {**users[alice], "revoked": True}
+    users_file = tmp_path / "users.jsonl"
+    users_file.write_bytes(b"\n".join(orjson.dumps({"key": k, **v}) for k, v in users.items()))
+    code, lines = replay_cli(
+        capsys, *cases_of("plain"), *policy_flags(tmp_path, "plain"), "--users", str(users_file)
+    )
+    assert code == 1
+    assert changes(lines) == {"admit:admit@APP -> deny:revoked": 1}
+
+
+def test_cli_at_now_finds_every_authentic_request_expired(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = cases_of("encrypted")
+    code, lines = replay_cli(capsys, *files, *policy_flags(tmp_path, "encrypted"), "--at", "now")
+    assert code == 1
+    found = changes(lines)
+    assert sum(found.values()) == len(files)
+    assert all(change.endswith(" -> drop:request_expired") for change in found)

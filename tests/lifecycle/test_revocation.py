@@ -1,0 +1,137 @@
+"""Live revocation against a real nats-server: revoking (or deleting) a record closes that
+user's live connections; other users' stay up; --keep-sessions opts out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import (
+    Keys,
+    NatsServer,
+    free_port,
+    nats_connect,
+    new_user,
+    raw_connect,
+    render_config,
+)
+from tests.service import record, run_cli, seed_files, serve_args, spawn, users_bucket, write_seed
+
+
+def system_config(keys: Keys, workdir: Path, system_pub: str) -> NatsServer:
+    """The harness's config with an nkey user in SYS that bypasses the callout."""
+    port = free_port()
+    config = render_config(port=port, keys=keys, store_dir=workdir / "js")
+    config = config.replace('"SYS" {}', f'"SYS" {{ users: [ {{ nkey: "{system_pub}" }} ] }}')
+    config = config.replace(
+        f'auth_users: [ "{keys.service_pub}" ]',
+        f'auth_users: [ "{keys.service_pub}", "{system_pub}" ]',
+    )
+    return NatsServer(config, port=port, workdir=workdir, store_dir=workdir / "js")
+
+
+async def closed(conn: Any, timeout: float = 5.0) -> list[bytes]:
+    """Wait for the server to close this raw connection (EOF); returns what it said last."""
+    said: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while line := await conn.reader.readline():
+            if line == b"PING\r\n":
+                conn.writer.write(b"PONG\r\n")
+            said.append(line)
+    return said
+
+
+@pytest.fixture
+def revocation_setup(tmp_path: Path, keys: Keys) -> Any:
+    system_seed, system_pub = new_user()
+    server = system_config(keys, tmp_path / "server", system_pub).start()
+    files = seed_files(keys, tmp_path / "keys")
+    files["system"] = write_seed(tmp_path / "keys" / "system.nk", system_seed)
+    yield server, files
+    server.stop()
+
+
+async def test_revoke_closes_live_connections_within_1s(revocation_setup: Any, keys: Keys) -> None:
+    server, files = revocation_setup
+    admin = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(admin)
+    alice_seed, alice = new_user()
+    bob_seed, bob = new_user()
+    await kv.put(alice, record("alice"))
+    await kv.put(bob, record("bob"))
+    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
+    try:
+        await service.await_event("users_cache_live")
+        alice_conns = [await raw_connect(server.url, alice_seed, keep_open=True) for _ in range(3)]
+        bob_conn = await raw_connect(server.url, bob_seed, keep_open=True)
+        assert all(c.admitted for c in alice_conns) and bob_conn.admitted
+        result = run_cli(
+            "users", "--nats-url", server.url, "--nkey-seed-file", str(files["service"]),
+            "revoke", alice,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        revoked_at = time.monotonic()
+        for conn in alice_conns:
+            assert conn.conn is not None
+            await closed(conn.conn)
+        assert time.monotonic() - revoked_at < 1.0
+        assert bob_conn.conn is not None and await bob_conn.conn.ping() is None  # untouched
+        again = await raw_connect(server.url, alice_seed)
+        assert not again.admitted
+        event = await service.await_event("revoked_sessions", client=alice)
+        assert event["closed"] == 3
+    finally:
+        service.terminate()
+        await admin.close()
+
+
+async def test_delete_closes_and_keep_sessions_opts_out(revocation_setup: Any, keys: Keys) -> None:
+    server, files = revocation_setup
+    admin = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(admin)
+    carol_seed, carol = new_user()
+    dave_seed, dave = new_user()
+    await kv.put(carol, record("carol"))
+    await kv.put(dave, record("dave"))
+    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
+    try:
+        await service.await_event("users_cache_live")
+        carol_conn = await raw_connect(server.url, carol_seed, keep_open=True)
+        dave_conn = await raw_connect(server.url, dave_seed, keep_open=True)
+        assert carol_conn.admitted and dave_conn.admitted
+        result = run_cli(
+            "users", "--nats-url", server.url, "--nkey-seed-file", str(files["service"]),
+            "revoke", "--keep-sessions", dave,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        await kv.delete(carol)
+        assert carol_conn.conn is not None
+        await closed(carol_conn.conn)
+        await service.await_event("revoked_sessions", client=carol)
+        # dave's revocation was seen (a new connect is denied) but his session was kept.
+        assert not (await raw_connect(server.url, dave_seed)).admitted
+        assert dave_conn.conn is not None and await dave_conn.conn.ping() is None
+        assert not service.events("revoked_sessions") or all(
+            e["client"] != dave for e in service.events("revoked_sessions")
+        )
+    finally:
+        service.terminate()
+        await admin.close()
+
+
+async def test_without_system_identity_revocation_is_new_connections_only(
+    nats_server: Any, keys: Keys, tmp_path: Path
+) -> None:
+    server = nats_server()
+    files = seed_files(keys, tmp_path / "keys")
+    service = spawn(serve_args(server, files))
+    try:
+        warning = await service.await_event("revocation_new_connections_only")
+        assert warning["level"] == "warning"
+        assert len(service.events("revocation_new_connections_only")) == 1
+    finally:
+        service.terminate()

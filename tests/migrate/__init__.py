@@ -1,0 +1,1 @@
+"""`callout users import / import-sqlite / export` (issue 7, "Migration from SQLite and files")."""

@@ -1,0 +1,1 @@
+"""Operator (decentralized) mode against a real nats-server: accounts as JWTs, `--creds`."""
