@@ -465,8 +465,10 @@ async def scan(
     found: dict[str, tuple[bytes, int]] = {}
     loaded = asyncio.Event()
     progress = asyncio.Event()
+    highest = 0
 
     async def on_message(msg: Msg) -> None:
+        nonlocal highest
         key = msg.subject[len(prefix) :]
         headers = msg.headers or {}
         meta = msg.metadata
@@ -474,10 +476,17 @@ async def scan(
             found.pop(key, None)
         elif keep is None or keep(key):
             found[key] = (msg.data, meta.sequence.stream)
+        highest = max(highest, meta.sequence.stream)
         progress.set()
         if meta.num_pending == 0:
             loaded.set()
 
+    try:
+        # What the scan must reach: a fresh consumer can report nothing pending before it has
+        # caught up (seen on R3 clusters), and the stream's last message always comes.
+        state = (await nc.jetstream().stream_info(stream_name(bucket))).state
+    except nats.js.errors.NotFoundError:
+        return {}
     try:
         sub = await nc.jetstream().subscribe(
             prefix + ">",
@@ -494,7 +503,7 @@ async def scan(
         info = await sub.consumer_info()
         if info.num_pending == 0 and sub.delivered == 0:
             loaded.set()  # an empty bucket sends nothing that marks the end
-        while not loaded.is_set():
+        while not loaded.is_set() or (state.messages and highest < state.last_seq):
             progress.clear()
             try:
                 async with asyncio.timeout(stall):

@@ -243,21 +243,31 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         log.warning("store_unavailable", bucket=args.users_bucket, detail=str(exc) or "timeout")
     await stop.wait()
     log.info("stopping", inflight=service.inflight)
+    # Answer everything in flight first; then the rest, each step on its own, so one that
+    # fails (a flush timing out on a dying connection) neither skips the others nor turns a
+    # clean stop into a crash.
     await service.stop()
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
     if recorder is not None:
-        await recorder.close()
+        steps.append(("recorder", recorder.close))
     # After the service: the decisions of the requests it finished are audited and counted.
-    await ops.stop()
+    steps.append(("operations", ops.stop))
     if watched is not None:
-        await watched.stop()
+        steps.append(("users_cache", watched.stop))
     if revoker is not None:
-        await revoker.stop()
-        await revoker.system.close()
+        steps += [("revoker", revoker.stop), ("revoker_connection", revoker.system.close)]
+    for name, step in steps:
+        try:
+            async with asyncio.timeout(10):
+                await step()
+        except Exception as exc:
+            log.warning("stop_step_failed", step=name, exception=type(exc).__name__)
     try:
         async with asyncio.timeout(5):
             await nc.drain()
     except Exception:
-        await nc.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
     log.info("stopped", **vars(service.stats))
     return 0
 

@@ -99,7 +99,9 @@ async def users(args: argparse.Namespace) -> int:
                 return 1
             _out(_show(key, entry[0]))
         elif args.action == "list":
-            async for k, value in kvstore.entries(nc, args.users_bucket):
+            # One ordered-consumer pass that checks it reached the stream's end, not a key
+            # listing followed by a get per key (nats-py's listing can come back short).
+            for k, value in await migrate.bucket_entries(nc, args.users_bucket):
                 _out(_show(k, value))
         elif args.action == "revoke":
             return await _revoke(nc, args.users_bucket, bucket, key, args.keep_sessions)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
@@ -164,16 +163,3 @@ async def update(nc: Client, bucket: str, key: str, value: bytes, revision: int)
     except nats.js.errors.KeyWrongLastSequenceError:
         return False
     return True
-
-
-async def entries(nc: Client, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
-    kv = await nc.jetstream().key_value(bucket)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return
-    store = KVStore(nc, bucket)
-    for key in sorted(keys):
-        value = await store.get(key)
-        if value is not None:
-            yield key, value

@@ -48,6 +48,7 @@ class _Probe:
     # Subjects (keys, deleted ones included) holding a message: a purge that removes keys
     # sends no message to the watch, but it does drop this below the keys we hold.
     num_subjects: int
+    messages: int
 
 
 class WatchedStore:
@@ -189,10 +190,13 @@ class WatchedStore:
                 self._notify(key, old, new)
             if meta.sequence.stream > self._seen_seq:
                 self._seen_seq = meta.sequence.stream
+            progress.set()
             if meta.num_pending == 0:
                 loaded.set()
 
         self._seen_seq = 0
+        before = await self._probe()  # what the load must reach; raises if there is no bucket
+        progress = asyncio.Event()
         js = self._nc.jetstream()
         try:
             sub = await js.subscribe(
@@ -212,6 +216,16 @@ class WatchedStore:
             if info.num_pending == 0 and sub.delivered == 0:
                 loaded.set()  # an empty bucket sends nothing to mark the end of the load
             await loaded.wait()
+            # A fresh consumer can report nothing pending before it has caught up (seen on R3
+            # clusters): the load is complete only once it reached what the stream held before
+            # we subscribed (its last message is always the last of its key, so it comes).
+            while before.messages and self._seen_seq < before.last_seq:
+                progress.clear()
+                try:
+                    async with asyncio.timeout(self._probe_timeout * 5):
+                        await progress.wait()
+                except TimeoutError:
+                    raise StoreError("initial load stalled") from None
             # Changes made while we were not watching (a reconnect, a reload) are found by
             # comparing with the last copy that was live.
             previous, self._last_live = self._last_live, records
@@ -269,4 +283,5 @@ class WatchedStore:
             int(state.get("last_seq") or 0),
             str(doc.get("created")),
             int(state.get("num_subjects") or 0),
+            int(state.get("messages") or 0),
         )

@@ -1,0 +1,229 @@
+"""Failures in the cluster (issue 5, "Cluster tests"):
+
+- the node leading the users stream goes away, gracefully (SIGTERM: `docker compose stop`, a
+  rolling restart) or by crashing (SIGKILL): an allowed user is admitted again through the
+  surviving nodes, and meanwhile nothing is wrongly admitted. A revoked user, an unknown user
+  and a user revoked just before the leader went (admitted until then) are probed the whole
+  time and always denied, and the service's log has no admit for them. Graceful: the allowed
+  user is denied for less than the issue's 5 s (measured: never). Crash: JetStream needs about
+  5 s to elect a new leader (nats-server 2.15.1, not configurable), and lookups that need the
+  leader fail meanwhile, so the time is recorded (`allowed_denied_until_s`, 5-8.3 s measured)
+  and only bounded loosely;
+- one service replica is killed in the middle of a burst of connects: every allowed client
+  ends admitted, by the surviving replica or on a retry (a request that went to the killed
+  replica gets no answer, so the server denies it at its timeout and the client retries).
+  The replica answers in milliseconds, so a plain kill rarely catches a request in flight; it
+  is frozen first (SIGSTOP) until requests are seen waiting on it, then killed, so the test
+  always covers lost requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nats.errors
+import pytest
+from nats.aio.msg import Msg
+
+from tests.cluster.cluster import (
+    admin_connection,
+    cluster_serve_args,
+    connect_via,
+    create_users_bucket,
+    decisions,
+    running_cluster,
+    start_replicas,
+    until,
+)
+from tests.harness import AUTH_SUBJECT, Keys, new_user
+from tests.service import record, seed_files, users_bucket
+
+pytestmark = pytest.mark.slow
+
+#: The issue's bound for being admitted again after the stream leader is lost.
+READMIT_WITHIN = 5.0
+#: A crashed leader: election (~5 s) plus lookups already waiting; a hang is caught, not timed.
+GIVE_UP_AFTER = 20.0
+#: Pause between probes: many probes per second, without starving a 2-core box.
+PACE = 0.01
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+async def test_losing_the_users_stream_leader(
+    tmp_path: Path, keys: Keys, crash: bool, record_property: Callable[[str, object], None]
+) -> None:
+    files = seed_files(keys, tmp_path / "keys")
+    allowed_seed, allowed = new_user()
+    revoked_seed, revoked = new_user()
+    stranger_seed, stranger = new_user()
+    # Admitted until just before the leader goes: a cached "allowed" must not outlive the
+    # revocation the cluster acknowledged.
+    late_seed, late = new_user()
+    async with running_cluster(tmp_path, keys) as cluster:
+        create_users_bucket(cluster, files)
+        nc = await admin_connection(cluster)
+        replicas = []
+        try:
+            kv = await users_bucket(nc)
+            await kv.put(allowed, record("allowed", admin=True))
+            await kv.put(revoked, record("revoked", admin=True, revoked=True))
+            await kv.put(late, record("late", admin=True))
+            replicas = await start_replicas(cluster_serve_args(cluster, files))
+            leader = await cluster.stream_leader(nc)
+            survivors = [node for i, node in enumerate(cluster.nodes) if i != leader]
+            for node in cluster.nodes:
+                assert (await connect_via(node, allowed_seed)).admitted
+                assert (await connect_via(node, late_seed)).admitted
+
+            revoked_at = time.time()
+            await kv.put(late, record("late", admin=True, revoked=True))
+            if crash:
+                cluster.nodes[leader].kill()
+            else:
+                await cluster.nodes[leader].astop()
+            lost_at = time.monotonic()
+            new_leader: list[int] = []
+            allowed_denied: list[float] = []  # when each denied allowed probe ended
+            admitted_since = 0  # allowed probes admitted in a row
+            deny_probes = 0
+
+            def settled() -> bool:
+                return bool(new_leader) and admitted_since >= 3
+
+            async def probe_allowed() -> None:
+                nonlocal admitted_since
+                n = 0
+                while not settled():
+                    result = await connect_via(survivors[n % 2], allowed_seed)
+                    n += 1
+                    await asyncio.sleep(PACE)  # probe rate, not synchronisation
+                    if result.admitted:
+                        admitted_since += 1
+                    else:
+                        admitted_since = 0
+                        allowed_denied.append(time.monotonic() - lost_at)
+                        assert allowed_denied[-1] < GIVE_UP_AFTER, "never admitted again"
+
+            async def probe_denied() -> None:
+                nonlocal deny_probes
+                n = 0
+                while not settled():
+                    for seed in (revoked_seed, stranger_seed, late_seed):
+                        result = await connect_via(survivors[n % 2], seed)
+                        n += 1
+                        deny_probes += 1
+                        await asyncio.sleep(PACE)
+                        assert not result.admitted, "a revoked or unknown user was admitted"
+
+            async def watch_leader() -> None:
+                # Until a new leader is elected STREAM.INFO goes unanswered; that is the signal.
+                while True:
+                    try:
+                        new_leader.append(await cluster.stream_leader(nc))
+                        return
+                    except (nats.errors.Error, AssertionError, KeyError):
+                        assert time.monotonic() - lost_at < GIVE_UP_AFTER, "no new leader"
+                        await asyncio.sleep(PACE)
+
+            await asyncio.gather(probe_allowed(), probe_denied(), watch_leader())
+            # Both surviving nodes admit, and still deny.
+            for node in survivors:
+                assert (await connect_via(node, allowed_seed)).admitted
+                assert not (await connect_via(node, revoked_seed)).admitted
+                assert not (await connect_via(node, stranger_seed)).admitted
+                assert not (await connect_via(node, late_seed)).admitted
+
+            outage = max(allowed_denied, default=0.0)
+            record_property("allowed_denied_until_s", round(outage, 2))
+            record_property("allowed_denied_count", len(allowed_denied))
+            assert new_leader[0] != leader
+            assert deny_probes >= 3
+            wrong = [
+                d
+                for d in decisions(replicas)
+                if d["client"] in {revoked, stranger, late}
+                and d["decision"] != "deny"
+                and float(d["ts"]) >= revoked_at
+            ]
+            assert wrong == []
+            if not crash:
+                assert outage < READMIT_WITHIN, f"allowed user denied until {outage:.2f}s"
+        finally:
+            for replica in replicas:
+                replica.kill()
+            await nc.close()
+
+
+BURST = 60
+#: Connects start this far apart, so the burst is still arriving when a replica is killed.
+SPACING = 0.015
+ATTEMPTS = 3
+
+
+async def test_killing_a_replica_during_a_burst_leaves_no_allowed_user_denied(
+    tmp_path: Path, keys: Keys, record_property: Callable[[str, object], None]
+) -> None:
+    files = seed_files(keys, tmp_path / "keys")
+    users = [new_user() for _ in range(BURST)]
+    async with running_cluster(tmp_path, keys) as cluster:
+        create_users_bucket(cluster, files)
+        nc = await admin_connection(cluster)
+        replicas = []
+        try:
+            kv = await users_bucket(nc)
+            for i, (_, public) in enumerate(users):
+                await kv.put(public, record(f"u{i}", admin=True))
+            replicas = await start_replicas(cluster_serve_args(cluster, files))
+            failures: list[str | None] = []
+            started_after_kill = 0
+            killed = asyncio.Event()
+
+            async def client(i: int, seed: str) -> bool:
+                nonlocal started_after_kill
+                await asyncio.sleep(i * SPACING)  # shapes the load; nothing waits on it
+                started_after_kill += killed.is_set()
+                for attempt in range(ATTEMPTS):
+                    result = await connect_via(cluster.nodes[(i + attempt) % 3], seed)
+                    if result.admitted:
+                        return True
+                    failures.append(result.error)
+                return False
+
+            requests = 0
+
+            async def on_request(_msg: Msg) -> None:
+                nonlocal requests
+                requests += 1
+
+            await nc.subscribe(AUTH_SUBJECT, cb=on_request)  # a bystander: sees every request
+            await nc.flush()
+
+            burst = [asyncio.create_task(client(i, seed)) for i, (seed, _) in enumerate(users)]
+            await until(lambda: len(decisions(replicas)) >= BURST // 4)
+            victim, survivor = sorted(replicas, key=lambda r: len(r.events("decision")))[::-1]
+            victim.proc.send_signal(signal.SIGSTOP)
+            victim_decided = len(victim.events("decision"))
+            # Requests neither replica has decided are waiting on the frozen one.
+            await until(lambda: requests - victim_decided - len(survivor.events("decision")) >= 2)
+            victim.kill()
+            killed.set()
+            admitted = await asyncio.gather(*burst)
+
+            record_property("retries", len(failures))
+            assert all(admitted), f"{admitted.count(False)} allowed users never admitted"
+            assert len(failures) >= 2  # the requests lost with the victim were retried
+            assert victim_decided > 0 and started_after_kill > BURST // 4
+            # A failed attempt is a request nobody answered (the server's timeout), never a
+            # deny from the service: neither replica logged a deny for these users.
+            assert set(failures) <= {"Authorization Violation"}
+            assert [d for d in decisions(replicas) if d["decision"] != "admit"] == []
+            # The survivor took every connect that started after the kill.
+            assert len(survivor.events("decision")) >= started_after_kill
+        finally:
+            for replica in replicas:
+                replica.kill()
+            await nc.close()
