@@ -252,6 +252,7 @@ def render_config(
     app_account: str = "APP",
     extra_auth_users: Sequence[str] = (),
     sys_user: tuple[str, str] | None = None,
+    sys_nkey: str | None = None,
     allowed_accounts: Sequence[str] = (),
     extra_accounts: Mapping[str, str] | Iterable[str] = (),
     debug: bool = False,
@@ -265,6 +266,7 @@ def render_config(
     - ``app_account`` (``APP``) is an empty account for callout-placed users.
     - ``sys_user=(name, password)`` adds a password user to ``SYS``; it is also listed in
       ``auth_users`` so it bypasses the callout (otherwise it would be called out, §5).
+      ``sys_nkey`` does the same for an nkey user (the identity live revocation kicks with).
     - ``xkey=True`` enables encryption with ``keys.xkey_pub``; a string uses that key.
     - ``extra_accounts``: names (empty account) or ``{name: raw account body}``, where the
       body is the text inside ``NAME { ... }``, e.g. ``"users: [{user: a, password: b}]"``.
@@ -290,9 +292,12 @@ def render_config(
         auth_body += "\n    jetstream: enabled"
 
     accounts: dict[str, str] = {callout_account: auth_body, app_account: ""}
-    sys_body = ""
+    sys_users = []
     if sys_user is not None:
-        sys_body = f"users: [ {{ user: {_q(sys_user[0])}, password: {_q(sys_user[1])} }} ]"
+        sys_users.append(f"{{ user: {_q(sys_user[0])}, password: {_q(sys_user[1])} }}")
+    if sys_nkey is not None:
+        sys_users.append(f"{{ nkey: {_q(sys_nkey)} }}")
+    sys_body = f"users: [ {', '.join(sys_users)} ]" if sys_users else ""
     accounts["SYS"] = sys_body
     if isinstance(extra_accounts, Mapping):
         for name, body in extra_accounts.items():
@@ -310,6 +315,8 @@ def render_config(
     auth_users = list(auth_nkeys)
     if sys_user is not None:
         auth_users.append(sys_user[0])
+    if sys_nkey is not None:
+        auth_users.append(sys_nkey)
     callout = [
         f"issuer: {_q(keys.issuer_pub)}",
         f"account: {_q(callout_account)}",

@@ -73,6 +73,7 @@ class Cluster:
     workdir: Path
     xkey: str | bool = False
     auth_timeout: float = 2.0
+    sys_nkey: str | None = None
     nodes: list[NatsServer] = field(default_factory=list)
     route_ports: list[int] = field(default_factory=list)
     #: xkey each node's config currently names (False: no encryption)
@@ -107,6 +108,7 @@ class Cluster:
             http_port=node.http_port,
             auth_timeout=self.auth_timeout,
             xkey=self.node_xkeys[i],
+            sys_nkey=self.sys_nkey,
             extra=cluster,
         )
 
@@ -181,9 +183,14 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    workdir: Path, keys: Keys, *, xkey: str | bool = False, auth_timeout: float = 2.0
+    workdir: Path,
+    keys: Keys,
+    *,
+    xkey: str | bool = False,
+    auth_timeout: float = 2.0,
+    sys_nkey: str | None = None,
 ) -> AsyncIterator[Cluster]:
-    cluster = Cluster(keys, workdir, xkey=xkey, auth_timeout=auth_timeout)
+    cluster = Cluster(keys, workdir, xkey=xkey, auth_timeout=auth_timeout, sys_nkey=sys_nkey)
     try:
         for attempt in range(3):
             try:

@@ -25,12 +25,7 @@ from tests.service import record, run_cli, seed_files, serve_args, spawn, users_
 def system_config(keys: Keys, workdir: Path, system_pub: str) -> NatsServer:
     """The harness's config with an nkey user in SYS that bypasses the callout."""
     port = free_port()
-    config = render_config(port=port, keys=keys, store_dir=workdir / "js")
-    config = config.replace('"SYS" {}', f'"SYS" {{ users: [ {{ nkey: "{system_pub}" }} ] }}')
-    config = config.replace(
-        f'auth_users: [ "{keys.service_pub}" ]',
-        f'auth_users: [ "{keys.service_pub}", "{system_pub}" ]',
-    )
+    config = render_config(port=port, keys=keys, store_dir=workdir / "js", sys_nkey=system_pub)
     return NatsServer(config, port=port, workdir=workdir, store_dir=workdir / "js")
 
 

@@ -1,0 +1,86 @@
+"""The set-up most fault scenarios share: a server, the users bucket with a known and a revoked
+user, `callout serve` as a real process (so it can be killed, and runs exactly as deployed: the
+users cache, the reconnect settings, the signal handling), and a `Witness` for the reasons."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+
+from tests.faults.scenario import BACKEND_TIMEOUT, Users, Witness, serve_cmd
+from tests.harness import Keys, NatsServer, nats_connect
+from tests.service import Subprocess, record, seed_files, spawn, users_bucket
+
+#: Every attempt goes through the store: with the failure limiter on, the revoked user would
+#: be denied `throttled` without a lookup after a few attempts, and every test client comes
+#: from 127.0.0.1 (one host), so the host limit would soon throttle the known user too. The
+#: limiter has its own test (test_limiter.py).
+FAULT_FLAGS = (
+    "--backend-timeout", str(BACKEND_TIMEOUT),
+    "--fail-limit-key", "0",
+    "--fail-limit-host", "0",
+)  # fmt: skip
+
+
+@dataclass
+class Rig:
+    server: NatsServer
+    keys: Keys
+    files: dict[str, Path]
+    admin: Client  # an AUTH-account connection: writes the bucket
+    witness: Witness
+    users: Users
+    svc: Subprocess | None = None
+
+    async def put_users(self) -> None:
+        kv = await users_bucket(self.admin)
+        await kv.put(self.users.known[1], record("known", admin=True))
+        await kv.put(self.users.revoked[1], record("revoked", admin=True, revoked=True))
+
+    async def serve(self, *extra: str, url: str | None = None) -> Subprocess:
+        self.svc = spawn(serve_cmd(url or self.server.url, self.files, *FAULT_FLAGS, *extra))
+        await self.svc.await_event("ready")
+        return self.svc
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    server: NatsServer,
+    keys: Keys,
+    tmp_path: Path,
+    *,
+    serve: Sequence[str] | None = (),
+    url: str | None = None,
+    reconnect: bool = False,
+    **connect: Any,
+) -> AsyncIterator[Rig]:
+    """`serve`: extra `callout serve` flags, or None to start no service. `url`: where the
+    service connects (a proxy). `reconnect`: the admin and witness connections survive a
+    server restart."""
+    options: dict[str, Any] = dict(connect)
+    if reconnect:
+        options |= {"allow_reconnect": True, "max_reconnect_attempts": -1,
+                    "reconnect_time_wait": 0.1}  # fmt: skip
+    admin = await nats_connect(server.url, keys.service_seed, **options)
+    witness = await Witness.open(server.url, keys, **options)
+    r = Rig(server, keys, seed_files(keys, tmp_path / "keys"), admin, witness, Users())
+    try:
+        await r.put_users()
+        if serve is not None:
+            await r.serve(*serve, url=url)
+            assert r.svc is not None
+            if "--users-cache" not in serve:
+                # Both users loaded: lookups are answered from memory from now on.
+                await r.svc.await_event("users_cache_live", users=2)
+        yield r
+    finally:
+        if r.svc is not None:
+            r.svc.kill()
+        await witness.close()
+        with contextlib.suppress(Exception):
+            await admin.close()

@@ -1,0 +1,96 @@
+"""The users stream's leader is killed (SIGKILL) in a three-node cluster with an R3 bucket.
+
+The cluster comes from `tests/cluster/cluster.py` (used read-only). The service and the probing
+clients use only the two nodes that survive, so the service's own connection is never cut and
+every request reaches it: what is measured is the store failing over under it. Until JetStream
+elects a new leader (about 5 s after a crash in nats-server 2.15.1), lookups find no leader and
+the known user is denied `store_timeout`, answered at the service's deadline; a user revoked
+just before the kill is never admitted again; auth resumes after the election on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import nats.errors
+import pytest
+
+from tests.cluster.cluster import admin_connection, create_users_bucket, running_cluster
+from tests.faults.rig import FAULT_FLAGS
+from tests.faults.scenario import Probes, Tally, Users, Witness, eventually, serve_cmd
+from tests.harness import Keys, new_user
+from tests.service import record, seed_files, spawn, users_bucket
+
+pytestmark = pytest.mark.slow
+
+#: Election after a crash (~5 s) plus lookups already waiting; a hang fails, it is not timed.
+RECOVER_WITHIN = 20.0
+
+
+async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally) -> None:
+    files = seed_files(keys, tmp_path / "keys")
+    users = Users()
+    late_seed, late = new_user()
+    users.other["revoked_late"] = late_seed
+    async with running_cluster(tmp_path, keys) as cluster:
+        create_users_bucket(cluster, files)
+        nc = await admin_connection(cluster)
+        svc = None
+        witness = None
+        try:
+            kv = await users_bucket(nc)
+            await kv.put(users.known[1], record("known", admin=True))
+            await kv.put(users.revoked[1], record("revoked", admin=True, revoked=True))
+            await kv.put(late, record("late", admin=True))
+            leader = await cluster.stream_leader(nc)
+            first, second = (cluster.nodes[i] for i in range(3) if i != leader)
+            svc = spawn(serve_cmd(first.url, files, *FAULT_FLAGS))
+            await svc.await_event("ready")
+            await svc.await_event("users_cache_live", users=3)
+            witness = await Witness.open(second.url, keys)
+            nodes = itertools.cycle([first.url, second.url])
+            probes = Probes(
+                witness,
+                lambda: next(nodes),
+                tally,
+                users,
+                roles=("known", "revoked", "unknown"),
+            ).start()
+            try:
+                await eventually(lambda: probes.streak("known", 0.0) >= 2)
+                # Revoked, acknowledged by the cluster, and the leader dies at once.
+                await kv.put(late, record("late", admin=True, revoked=True))
+                cluster.nodes[leader].kill()
+                killed = time.monotonic()
+                probes.start_role("revoked_late")
+
+                new_leader: list[int] = []
+
+                async def elected() -> bool:
+                    try:
+                        new_leader.append(await cluster.stream_leader(nc))
+                    except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                            AssertionError):  # fmt: skip
+                        return False
+                    return True
+
+                await eventually(elected, RECOVER_WITHIN)
+                await eventually(lambda: probes.streak("known", killed) >= 3, RECOVER_WITHIN)
+                recovered = time.monotonic() - killed
+            finally:
+                await probes.stop()
+            assert new_leader[0] != leader
+            assert probes.denied_with("known", "store_timeout", killed)
+            assert all(len(probes.since(killed, role)) >= 3 for role in probes.roles)
+            assert recovered < RECOVER_WITHIN
+            tally.notes["admitted again after (s)"] = round(recovered, 2)
+            assert svc.proc.poll() is None
+            tally.check()
+        finally:
+            if svc is not None:
+                svc.kill()
+            if witness is not None:
+                await witness.close()
+            await nc.close()
