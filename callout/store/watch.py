@@ -7,9 +7,12 @@ remembers. Live means all of:
 - the watch delivered the bucket's whole current state (the initial-load marker);
 - the connection has not dropped since that load (a drop forces a full reload);
 - a probe of the stream, every `probe_interval`, found nothing the watch had not delivered
-  by the time of the previous probe. A write is normally seen within milliseconds; a watch
-  that stalls, a bucket deleted (or deleted and re-created) is noticed within two probe
-  intervals and the cache stops answering.
+  by the time of the previous probe, and such a check succeeded within `max_unverified`
+  seconds (2 s). A write is normally seen within milliseconds; a watch that stalls, a bucket
+  deleted (or deleted and re-created) or purged is noticed within two probe intervals and
+  the cache stops answering. A probe that gets no answer (under a connect storm, usually our
+  own busy event loop) is no evidence either way: the copy keeps answering until its last
+  confirmation is `max_unverified` old.
 
 Between probes a dead watch is harmless unless someone writes, and a write is what the next
 probe compares against, so the staleness bound holds without per-lookup round trips.
@@ -41,6 +44,10 @@ _MARKER_REASON = "Nats-Marker-Reason"
 _MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
 
 
+class _ProbeTimeout(Exception):
+    pass
+
+
 @dataclass
 class _Probe:
     last_seq: int
@@ -49,6 +56,7 @@ class _Probe:
     # sends no message to the watch, but it does drop this below the keys we hold.
     num_subjects: int
     messages: int
+    taken_at: float  # monotonic time the probe was sent
 
 
 class WatchedStore:
@@ -62,12 +70,16 @@ class WatchedStore:
         direct: KVStore | None = None,
         probe_interval: float = 0.25,
         retry_interval: float = 1.0,
+        max_unverified: float = 2.0,
     ) -> None:
         self._nc = nc
         self.bucket = bucket
         self._direct = direct or KVStore(nc, bucket)
         self._probe_interval = probe_interval
         self._probe_timeout = max(probe_interval * 4, 1.0)
+        # The copy answers only while a probe has confirmed it within this many seconds.
+        self._max_unverified = max_unverified
+        self._verified_at = 0.0
         self._retry_interval = retry_interval
         self._info_subject = f"$JS.API.STREAM.INFO.{stream_name(bucket)}"
         self._subject_prefix = f"$KV.{bucket}."
@@ -90,7 +102,7 @@ class WatchedStore:
 
     # -- Store --------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
-        if self._live:
+        if self._live and time.monotonic() - self._verified_at <= self._max_unverified:
             return self._records.get(key)
         return await self._direct.get(key)
 
@@ -236,6 +248,7 @@ class WatchedStore:
             self._records = records
             # Writes that landed during the load are on their way; the next probe checks them.
             probe = await self._probe()
+            self._verified_at = before.taken_at
             self._live, self.state = True, "live"
             self.live_event.set()
             self.loads += 1
@@ -257,7 +270,15 @@ class WatchedStore:
                 async with asyncio.timeout(self._probe_interval):
                     await self._restart.wait()
                     raise StoreError("restart requested")
-            probe = await self._probe()
+            try:
+                probe = await self._probe()
+            except _ProbeTimeout:
+                # No answer is no evidence either way (under a connect storm it is usually our
+                # own busy event loop). `get` stops trusting the copy once the last check is
+                # older than max_unverified; here, keep trying until then.
+                if time.monotonic() - self._verified_at > self._max_unverified:
+                    raise StoreError("stream probes unanswered") from None
+                continue
             if probe.created != previous.created or probe.last_seq < self._seen_seq:
                 raise StoreError("bucket was re-created")
             if probe.num_subjects < len(self._records):
@@ -266,13 +287,18 @@ class WatchedStore:
             if self._seen_seq < previous.last_seq:
                 self._go_dark("lagging")
                 raise StoreError(f"watch lagging at {self._seen_seq} < {previous.last_seq}")
+            # The copy is known to hold every write made before the previous probe was sent.
+            self._verified_at = previous.taken_at
             previous = probe
 
     async def _probe(self) -> _Probe:
         # Raw STREAM.INFO: nats-py's StreamState drops num_subjects.
+        sent = time.monotonic()
         try:
             msg = await self._nc.request(self._info_subject, b"", timeout=self._probe_timeout)
             doc = orjson.loads(msg.data)
+        except nats.errors.TimeoutError:
+            raise _ProbeTimeout from None
         except (nats.errors.Error, orjson.JSONDecodeError) as exc:
             raise StoreError(f"stream probe failed: {type(exc).__name__}") from None
         error = doc.get("error") if isinstance(doc, dict) else "not an object"
@@ -284,4 +310,5 @@ class WatchedStore:
             str(doc.get("created")),
             int(state.get("num_subjects") or 0),
             int(state.get("messages") or 0),
+            sent,
         )

@@ -216,3 +216,38 @@ async def test_large_bucket_loads_completely(nats_server: Any, keys: Keys) -> No
     finally:
         await store.stop()
         await nc.close()
+
+
+async def test_unanswered_probes_stop_the_copy_after_max_unverified(
+    nats_server: Any, keys: Keys
+) -> None:
+    from callout.store import watch
+
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    direct = CountingStore(nc, "users")
+    store = WatchedStore(
+        nc, "users", direct=direct, probe_interval=0.05, retry_interval=0.1, max_unverified=0.5
+    )
+    store.start()
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        real_probe = store._probe
+
+        async def unanswered() -> Any:
+            raise watch._ProbeTimeout
+
+        store._probe = unanswered  # type: ignore[method-assign]
+        # A few unanswered probes change nothing: the copy still answers ...
+        assert await store.get(alice) == record("alice") and direct.calls == 0
+        # ... until its last confirmation is too old; then lookups go to the bucket.
+        await until(lambda: not store.live, timeout=5)
+        assert await store.get(alice) == record("alice") and direct.calls == 1
+        store._probe = real_probe  # type: ignore[method-assign]
+        await until(lambda: store.live, timeout=5)
+    finally:
+        await store.stop()
+        await nc.close()
