@@ -11,7 +11,8 @@ import argparse
 import asyncio
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from callout import __version__, log
 from callout.commands import connect, dev, keys, replay, serve, users
@@ -33,6 +34,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(coro: Coroutine[Any, Any, int], event_loop: str) -> int:
+    if event_loop == "uvloop":
+        try:
+            import uvloop  # optional: measured in bench/, not a dependency
+        except ImportError:
+            coro.close()
+            raise UserError("--event-loop uvloop: uvloop is not installed") from None
+        return int(uvloop.run(coro))
+    return asyncio.run(coro)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "logs", False):
@@ -40,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.run(args)
         if inspect.iscoroutine(result):
-            result = asyncio.run(result)
+            result = _run(result, getattr(args, "event_loop", "asyncio"))
         return int(result)
     except (UserError, SeedFileError, KeyError_, RecordError, StoreError) as exc:
         print(f"callout: error: {exc}", file=sys.stderr)

@@ -344,6 +344,13 @@ def register(sub: Any) -> None:
         default=recording.DEFAULT_MAX_BYTES,
         help="start a new recording file past this size (e.g. 64MiB)",
     )
+    add(
+        p,
+        "--event-loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="uvloop if installed (see bench/README.md for whether it helps)",
+    )
     add(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add(p, "--log-format", default="json", choices=["json", "console"])
     operations.register_flags(p)
