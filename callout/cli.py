@@ -37,10 +37,10 @@ def parser() -> argparse.ArgumentParser:
 def _run(coro: Coroutine[Any, Any, int], event_loop: str) -> int:
     if event_loop == "uvloop":
         try:
-            import uvloop  # optional: measured in bench/, not a dependency
+            import uvloop  # a dependency, except where it has no wheels (Windows)
         except ImportError:
             coro.close()
-            raise UserError("--event-loop uvloop: uvloop is not installed") from None
+            raise UserError("--event-loop uvloop: uvloop is not installed (use asyncio)") from None
         return int(uvloop.run(coro))
     return asyncio.run(coro)
 
