@@ -97,7 +97,8 @@ class CalloutService:
     async def stop(self) -> None:
         """Stop taking requests and answer every one already taken."""
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            # Drain, not unsubscribe: requests the server already sent us are still answered.
+            await self._sub.drain()  # type: ignore[no-untyped-call]  # nats-py: untyped
             self._sub = None
         # Finishing a task starts the next backlog entry, so wait until both are empty.
         while self._tasks:

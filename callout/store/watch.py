@@ -10,8 +10,9 @@ remembers. Live means all of:
   by the time of the previous probe, and such a check succeeded within `max_unverified`
   seconds (2 s). A write is normally seen within milliseconds; a watch that stalls, a bucket
   deleted (or deleted and re-created) or purged is noticed within two probe intervals and
-  the cache stops answering. A probe that gets no answer (under a connect storm, usually our
-  own busy event loop) is no evidence either way: the copy keeps answering until its last
+  the cache stops answering; JetStream not answering a probe within 0.5 s, likewise. A
+  probe whose answer we could not read in time because our own event loop was lagging (a
+  connect storm) is no evidence either way: the copy keeps answering until its last
   confirmation is `max_unverified` old.
 
 Between probes a dead watch is harmless unless someone writes, and a write is what the next
@@ -45,7 +46,11 @@ _MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
 
 
 class _ProbeTimeout(Exception):
-    pass
+    """A probe unanswered while our own event loop was lagging: no evidence either way."""
+
+
+# How late a timeout must fire to count as our event loop lagging rather than JetStream.
+_LOOP_LAG = 0.1
 
 
 @dataclass
@@ -76,7 +81,8 @@ class WatchedStore:
         self.bucket = bucket
         self._direct = direct or KVStore(nc, bucket)
         self._probe_interval = probe_interval
-        self._probe_timeout = max(probe_interval * 4, 1.0)
+        # Bounds how long a stalled JetStream goes unnoticed (with the interval: ~0.75 s).
+        self._probe_timeout = max(probe_interval * 2, 0.5)
         # The copy answers only while a probe has confirmed it within this many seconds.
         self._max_unverified = max_unverified
         self._verified_at = 0.0
@@ -298,7 +304,12 @@ class WatchedStore:
             msg = await self._nc.request(self._info_subject, b"", timeout=self._probe_timeout)
             doc = orjson.loads(msg.data)
         except nats.errors.TimeoutError:
-            raise _ProbeTimeout from None
+            # Was it JetStream, or us? A timeout that fired well after it was due means our
+            # event loop was too busy to read the answer (a connect storm): no evidence. One
+            # on time means JetStream did not answer: the copy can no longer be trusted.
+            if time.monotonic() - sent > self._probe_timeout + _LOOP_LAG:
+                raise _ProbeTimeout from None
+            raise StoreError("stream probe unanswered (JetStream stalled?)") from None
         except (nats.errors.Error, orjson.JSONDecodeError) as exc:
             raise StoreError(f"stream probe failed: {type(exc).__name__}") from None
         error = doc.get("error") if isinstance(doc, dict) else "not an object"

@@ -7,9 +7,11 @@ is switched at run time and applies to connections already open as well as new o
   publishes to `$JS.` and `$KV.` subjects (KV lookups, stream probes, consumer creation, replay
   records). Everything else, the auth requests coming in and the service's replies going out,
   passes untouched, so a client measures exactly what a slow or silent JetStream costs it.
-  This needs the client side of the stream cut into protocol messages (`_Frames`); the
-  reordering it causes (a delayed PUB overtaken by later ones) is what a slow JetStream looks
-  like from the client anyway: the request reached the server, the answer comes late.
+  This needs the stream cut into protocol messages (`_Frames`); the reordering it causes (a
+  delayed PUB overtaken by later ones) is what a slow JetStream looks like from the client
+  anyway: the request reached the server, the answer comes late. With `inbound=True` the
+  messages the server sends the service are held back too, all but the auth requests: a
+  JetStream that has stalled, answers and the users watch's deliveries included.
   With `store_only=False` the whole link is delayed or black-holed instead, in both
   directions (bytes dropped, not stalled: a black-holed connection is closed by `heal()`).
 - `half_close(toward)`: send FIN to one side of every open connection (`"service"`: the service
@@ -28,6 +30,7 @@ from typing import Literal
 
 Side = Literal["service", "server"]
 _STORE_PREFIXES = (b"$JS.", b"$KV.")
+_AUTH_SUBJECT = b"$SYS.REQ.USER.AUTH"
 
 
 @dataclass
@@ -35,17 +38,22 @@ class Fault:
     delay: float = 0.0
     drop: bool = False
     store_only: bool = True
+    inbound: bool = False
 
-    def applies(self, subject: bytes | None) -> bool:
-        """Whether this fault touches a message to `subject` (None: raw server bytes)."""
-        if self.store_only:
-            return subject is not None and subject.startswith(_STORE_PREFIXES)
-        return True
+    def applies(self, subject: bytes | None, *, from_server: bool) -> bool:
+        """Whether this fault touches a message on `subject` (None: not a message)."""
+        if not self.store_only:
+            return True
+        if subject is None:
+            return False
+        if from_server:
+            return self.inbound and subject != _AUTH_SUBJECT
+        return subject.startswith(_STORE_PREFIXES)
 
 
 class _Frames:
-    """Cuts the client side of the NATS protocol into whole messages: an op line, plus the
-    payload for PUB / HPUB (its size is the op line's last field)."""
+    """Cuts a NATS protocol stream into whole messages: an op line, plus the payload for PUB /
+    HPUB (client side) and MSG / HMSG (server side); its size is the op line's last field."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -62,7 +70,7 @@ class _Frames:
             size = 0
             subject: bytes | None = None
             op = line[:5].upper()
-            if op.startswith((b"PUB ", b"HPUB ")):
+            if op.startswith((b"PUB ", b"HPUB ", b"MSG ", b"HMSG ")):
                 fields = line.split()
                 subject = fields[1]
                 size = int(fields[-1]) + 2  # payload and its CRLF
@@ -91,8 +99,8 @@ class Stats:
     connections: int = 0
     delayed: int = 0
     dropped: int = 0
-    # The store messages the fault held back or lost, so a test can tell which lookups the
-    # service had started (a lookup names the user's key) before it moved on.
+    # The messages the fault held back or lost, so a test can tell which lookups the service
+    # had started (a lookup names the user's key) before it moved on.
     faulted: list[bytes] = field(default_factory=list)
 
     def touched(self, text: str) -> bool:
@@ -137,8 +145,8 @@ class FaultProxy:
         await self.close()
 
     # -- switching faults ---------------------------------------------------------------------
-    def delay(self, seconds: float, *, store_only: bool = True) -> None:
-        self.fault = Fault(delay=seconds, store_only=store_only)
+    def delay(self, seconds: float, *, store_only: bool = True, inbound: bool = False) -> None:
+        self.fault = Fault(delay=seconds, store_only=store_only, inbound=inbound)
 
     def drop(self, *, store_only: bool = True) -> None:
         self.fault = Fault(drop=True, store_only=store_only)
@@ -163,10 +171,6 @@ class FaultProxy:
                     count += 1
         return count
 
-    @property
-    def open_links(self) -> int:
-        return len(self._links)
-
     # -- relaying -----------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -179,6 +183,7 @@ class FaultProxy:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = _Link((reader, writer), upstream)
+        link.blackholed = self.fault.drop and not self.fault.store_only
         self.stats.connections += 1
         self._links.append(link)
         link.tasks = [
@@ -190,15 +195,23 @@ class FaultProxy:
         with contextlib.suppress(ValueError):
             self._links.remove(link)
 
-    def _send(self, link: _Link, writer: asyncio.StreamWriter, subject: bytes | None,
-              data: bytes) -> None:  # fmt: skip
+    def _send(
+        self,
+        link: _Link,
+        writer: asyncio.StreamWriter,
+        subject: bytes | None,
+        data: bytes,
+        *,
+        from_server: bool,
+    ) -> None:
         fault = self.fault
-        if link.blackholed or (fault.drop and fault.applies(subject)):
+        applies = fault.applies(subject, from_server=from_server)
+        if link.blackholed or (fault.drop and applies):
             self.stats.dropped += 1
             if subject is not None:
                 self.stats.faulted.append(data)
             return
-        if fault.delay > 0 and fault.applies(subject):
+        if fault.delay > 0 and applies:
             self.stats.delayed += 1
             if subject is not None:
                 self.stats.faulted.append(data)
@@ -206,15 +219,16 @@ class FaultProxy:
             # Strictly increasing release times keep delayed messages in their order.
             due = max(loop.time() + fault.delay, link.last_due.get(id(writer), 0.0) + 1e-6)
             link.last_due[id(writer)] = due
-            loop.call_at(due, self._write_late, writer, data)
+            loop.call_at(due, self._write, writer, data)
             return
-        if not writer.is_closing():
-            writer.write(data)
+        self._write(writer, data)
 
     @staticmethod
-    def _write_late(writer: asyncio.StreamWriter, data: bytes) -> None:
+    def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
+        # The far end may have gone, or been half-closed, meanwhile: the bytes are lost.
         if not writer.is_closing():
-            writer.write(data)
+            with contextlib.suppress(RuntimeError, OSError):
+                writer.write(data)
 
     async def _pump_from_service(self, link: _Link) -> None:
         reader, _ = link.service
@@ -222,7 +236,7 @@ class FaultProxy:
         frames = _Frames()
         while data := await reader.read(65536):
             for subject, frame in frames.feed(data):
-                self._send(link, writer, subject, frame)
+                self._send(link, writer, subject, frame, from_server=False)
             await writer.drain()
         # The service closed (or half-closed) its side: pass the FIN on.
         with contextlib.suppress(OSError):
@@ -232,8 +246,10 @@ class FaultProxy:
     async def _pump_from_server(self, link: _Link) -> None:
         reader, _ = link.server
         _, writer = link.service
+        frames = _Frames()
         while data := await reader.read(65536):
-            self._send(link, writer, None, data)
+            for subject, frame in frames.feed(data):
+                self._send(link, writer, subject, frame, from_server=True)
             await writer.drain()
         with contextlib.suppress(OSError):
             if writer.can_write_eof() and not writer.is_closing():

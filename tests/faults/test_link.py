@@ -22,8 +22,16 @@ import pytest
 from tests.conftest import ServerFactory
 from tests.faults.proxy import FaultProxy
 from tests.faults.rig import rig
-from tests.faults.scenario import BACKEND_TIMEOUT, Probes, Tally, eventually
-from tests.harness import Keys, NatsServer
+from tests.faults.scenario import (
+    BACKEND_TIMEOUT,
+    CACHE_STALENESS,
+    Probes,
+    Tally,
+    eventually,
+    tried,
+)
+from tests.harness import Keys, NatsServer, new_user
+from tests.service import record, users_bucket
 
 RECOVER_WITHIN = 10.0
 #: Past the users cache's stream probe timeout (1 s) as well as --backend-timeout, so the
@@ -89,16 +97,15 @@ async def test_half_closed_connection(
     async with rig(server, keys, tmp_path, url=p.url) as r:
         svc = r.svc
         assert svc is not None
-        up = True
-        probes = Probes(r.witness, server.url, tally, r.users, up=lambda: up).start()
+        probes = Probes(r.witness, server.url, tally, r.users).start()
         try:
             await eventually(lambda: probes.streak("known", 0.0) >= 2)
-            up = False
+            probes.going_down()
             cut = time.monotonic()
             assert p.half_close(toward) >= 1
             await svc.await_event("nats_disconnected")
             await svc.await_event("nats_reconnected")
-            up = True
+            probes.back_up()
             back = time.monotonic()
             tally.notes["reconnected after (s)"] = round(back - cut, 2)
             await eventually(lambda: probes.streak("known", back) >= 3, RECOVER_WITHIN)
@@ -109,13 +116,43 @@ async def test_half_closed_connection(
             await probes.stop()
         assert p.stats.connections >= 2  # it came back on a new connection
         assert svc.proc.poll() is None
-        if tally.unanswered:
-            print("DEBUG cut", cut, "back", back, "conns", p.stats.connections)
-            for t0, o in probes.seen:
-                print("DEBUG", round(t0 - cut, 3), o)
-            for line in svc.raw:
-                if '"decision"' not in line:
-                    print("DEBUG", line)
-            print("DEBUG decisions", len(svc.events("decision")))
-            print("DEBUG server log", server.log_since_start()[-3000:])
         tally.check()
+
+
+async def test_revocation_while_jetstream_stalls(
+    proxy: tuple[NatsServer, FaultProxy], keys: Keys, tmp_path: Path, tally: Tally
+) -> None:
+    """JetStream stalls for the service (its store traffic held back both ways, the watch's
+    deliveries included; a stream leader that dies right after acknowledging a write looks
+    the same) just as a user is revoked. The users cache may go on admitting that user for
+    its documented staleness bound (`CACHE_STALENESS`), never longer; after that the user is
+    denied by the service (`store_timeout`: the bucket does not answer either)."""
+    server, p = proxy
+    late_seed, late = new_user()
+    async with rig(server, keys, tmp_path, serve=None) as r:
+        kv = await users_bucket(r.admin)
+        await kv.put(late, record("late", admin=True))
+        svc = await r.serve(url=p.url)
+        await svc.await_event("users_cache_live", users=3)
+        assert (await tried(tally, r.witness, server.url, late_seed, "known")).admitted
+
+        p.delay(CACHE_STALENESS + 2.0, inbound=True)
+        await kv.put(late, record("late", admin=True, revoked=True))  # acknowledged
+        revoked = time.monotonic()
+        r.users.other["revoked_late"] = late_seed
+        probes = Probes(r.witness, server.url, tally, r.users, roles=("revoked_late",)).start()
+        try:
+            after = revoked + CACHE_STALENESS
+            await eventually(lambda: len(probes.since(after)) >= 3, CACHE_STALENESS + 5)
+        finally:
+            await probes.stop()
+        p.heal()
+    admitted = [t - revoked for t, o in probes.seen if o.admitted]
+    tally.notes["revoked user admitted until (s after the revocation)"] = round(
+        max(admitted, default=0.0), 2
+    )
+    tally.notes["admits within the staleness bound"] = probes.within_staleness(
+        "revoked_late", revoked
+    )
+    assert {o.reason for o in probes.since(after)} == {"store_timeout"}
+    tally.check()

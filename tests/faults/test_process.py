@@ -48,8 +48,9 @@ async def test_nats_server_restarted_under_the_service(
             await before.stop()
 
         # From here until the service has subscribed again, nobody may be listening.
-        up = False
-        during = Probes(r.witness, server.url, tally, r.users, up=lambda: up).start()
+        during = Probes(r.witness, server.url, tally, r.users)
+        during.going_down()
+        during.start()
         try:
             restarted = time.monotonic()
             await asyncio.to_thread(server.restart, hard=hard)
@@ -58,7 +59,7 @@ async def test_nats_server_restarted_under_the_service(
             await r.witness.nc.flush()
             await r.admin.flush()
             first_after = len(wire.inboxes)
-            up = True
+            during.back_up()
             back = time.monotonic()
             tally.notes["service subscribed again after (s)"] = round(back - restarted, 2)
             await eventually(lambda: during.streak("known", back) >= 3, RECOVER_WITHIN)
@@ -183,11 +184,6 @@ async def test_sigterm_answers_every_request_in_flight(
         tally.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callout/service.py CalloutService.stop() unsubscribes, which discards requests the "
-    "server already sent to this replica; Subscription.drain() would answer them",
-)
 async def test_sigterm_answers_requests_already_on_their_way(
     nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
