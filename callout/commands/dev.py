@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +88,16 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float) ->
     fail(f"nats-server did not start listening on 127.0.0.1:{port}")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent exits."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -113,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         stderr=subprocess.DEVNULL,
         # Its own session: Ctrl-C reaches only us, and we stop the server after the service.
         start_new_session=True,
+        # ... and if we die without stopping it (SIGKILL), it does not outlive us.
+        preexec_fn=_die_with_parent,
     )
     try:
         _wait_for_port(args.port, proc, time.monotonic() + 15)
