@@ -12,21 +12,27 @@ from the table below, answered at once (silence costs the client the full server
    (`iss == nats.server_id.id`), is addressed to callouts, and has not expired. A request
    that does not get this far cannot be answered with a signed error (we do not know whom
    to address it to), so it is answered with an empty body, which the server treats as an
-   immediate deny (protocol.md §3 check 1).
+   immediate deny (protocol.md §3 check 1). It must also be new: the same server's
+   `user_nkey` (fresh per request) or client nonce seen before is a `replay` (never `jti`,
+   which repeats, protocol.md §4). A key or source host that keeps failing is `throttled`
+   here, before any further work.
 2. **The client proved its key.** `connect_opts.sig` must be the signature of
    `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
    does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
    we do not, nobody does. This gate applies to internal keys too.
 3. **The key is allowed** (`Authorizer.decide`). An internal key (`--internal-key`) is
-   admitted without asking the store, so the system can boot and recover while the store
-   is down. Any other key needs a record from the store that parses, is not revoked and
-   places the user in an allowed account; in soft mode a missing record is admitted with
-   the default permissions and logged as `would_deny`.
+   admitted without asking the store (nor the shared replay record), so the system can boot
+   and recover while the store is down. Any other key needs a record from the store that
+   parses, is not revoked and places the user in an allowed account; in soft mode a missing
+   record is admitted with the default permissions and logged as `would_deny`. A store (or
+   shared replay record) that cannot answer is a deny, never "no record".
 
 The I/O shell (`callout.service`) only moves bytes and time: it calls `open`, asks the store
-when `Request.internal` is false (within the deadline `Request.deadline` gives), calls
-`decide` with the store's answer, and sends `respond`'s bytes. It turns any exception into
-`INTERNAL_ERROR`. Nothing here does I/O, so recorded requests replay through it exactly.
+(and the shared replay record, when configured) when `Request.internal` is false, within
+the deadline `Request.deadline` gives, calls `decide` with the answers, and sends
+`respond`'s bytes. It turns any exception into `INTERNAL_ERROR`, and sheds load as
+`OVERLOADED`. Nothing here does I/O; the bounded in-memory records it consults
+(`callout.limits`) are its only state, so recorded requests replay through it exactly.
 """
 
 from __future__ import annotations
