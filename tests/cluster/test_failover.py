@@ -4,11 +4,13 @@
   rolling restart) or by crashing (SIGKILL): an allowed user is admitted again through the
   surviving nodes, and meanwhile nothing is wrongly admitted. A revoked user, an unknown user
   and a user revoked just before the leader went (admitted until then) are probed the whole
-  time and always denied, and the service's log has no admit for them. Graceful: the allowed
-  user is denied for less than the issue's 5 s (measured: never). Crash: JetStream needs about
-  5 s to elect a new leader (nats-server 2.15.1, not configurable), and lookups that need the
-  leader fail meanwhile, so the time is recorded (`allowed_denied_until_s`, 5-8.3 s measured)
-  and only bounded loosely;
+  time and always denied, and the service's log has no admit for them; the one exception is
+  the just-revoked user within the users cache's documented window (the leader may die
+  between acknowledging the revocation and delivering it to the watch: under 1.25 s).
+  Graceful: the allowed user is denied for less than the issue's 5 s (measured: never).
+  Crash: JetStream needs about 5 s to elect a new leader (nats-server 2.15.1, not
+  configurable), and lookups that need the leader fail meanwhile, so the time is recorded
+  (`allowed_denied_until_s`, 5-8.3 s measured) and only bounded loosely;
 - one service replica is killed in the middle of a burst of connects: every allowed client
   ends admitted, by the surviving replica or on a retry (a request that went to the killed
   replica gets no answer, so the server denies it at its timeout and the client retries).
@@ -43,6 +45,10 @@ from tests.harness import AUTH_SUBJECT, Keys, new_user
 from tests.service import record, seed_files, users_bucket
 
 pytestmark = pytest.mark.slow
+
+# The users cache's bound when JetStream goes silent (0.25 s probe interval + 0.5 s probe
+# timeout), with slack for a loaded 2-core box.
+CACHE_STALENESS = 1.25
 
 #: The issue's bound for being admitted again after the stream leader is lost.
 READMIT_WITHIN = 5.0
@@ -81,6 +87,13 @@ async def test_losing_the_users_stream_leader(
 
             revoked_at = time.time()
             await kv.put(late, record("late", admin=True, revoked=True))
+
+            def within_staleness(at: float) -> bool:
+                # The leader may die after acknowledging the revocation but before the watch
+                # delivered it; the cache then answers until a probe finds JetStream silent
+                # (README, "The users cache": under 0.75 s). Never later than that.
+                return at - revoked_at < CACHE_STALENESS
+
             if crash:
                 cluster.nodes[leader].kill()
             else:
@@ -117,6 +130,8 @@ async def test_losing_the_users_stream_leader(
                         n += 1
                         deny_probes += 1
                         await asyncio.sleep(PACE)
+                        if result.admitted and seed == late_seed and within_staleness(time.time()):
+                            continue  # the documented window; anything later fails below
                         assert not result.admitted, "a revoked or unknown user was admitted"
 
             async def watch_leader() -> None:
@@ -148,6 +163,7 @@ async def test_losing_the_users_stream_leader(
                 if d["client"] in {revoked, stranger, late}
                 and d["decision"] != "deny"
                 and float(d["ts"]) >= revoked_at
+                and not (d["client"] == late and within_staleness(float(d["ts"])))
             ]
             assert wrong == []
             if not crash:
