@@ -42,7 +42,7 @@ from nats.js.kv import KeyValue
 from callout.keys import KeyError_, KeyKind, decode_public
 from callout.records import MAX_RECORD_BYTES, RecordError, UserRecord, parse_record
 from callout.store.base import StoreError
-from callout.store.kv import BucketConfigError, KVStore, ensure_bucket, stream_name
+from callout.store.kv import KVStore, bucket_info, ensure_bucket, is_delete, stream_name
 
 # Lookups and writes in flight at once: enough to hide the round trip, few enough not to
 # swamp a JetStream leader that is also serving the callout's own lookups.
@@ -66,10 +66,6 @@ LIST_COLUMNS = ("pub_allow", "pub_deny", "sub_allow", "sub_deny")
 CSV_COLUMNS = ("key", *FIELDS, *LIST_COLUMNS)
 
 # KV deletes and purges, and (nats-server 2.11+) per-message TTL expiries.
-_KV_OPERATION = "KV-Operation"
-_DELETE_OPS = frozenset({"DEL", "PURGE"})
-_MARKER = "Nats-Marker-Reason"
-_MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
 
 # Where a row came from: ("line", 3) in a file, ("rowid", 42) in SQLite, ("row", 7) in a
 # table without rowids or a view (numbered in the order read).
@@ -472,7 +468,7 @@ async def scan(
         key = msg.subject[len(prefix) :]
         headers = msg.headers or {}
         meta = msg.metadata
-        if headers.get(_KV_OPERATION) in _DELETE_OPS or headers.get(_MARKER) in _MARKER_DELETES:
+        if is_delete(headers):
             found.pop(key, None)
         elif keep is None or keep(key):
             found[key] = (msg.data, meta.sequence.stream)
@@ -674,20 +670,8 @@ async def open_bucket(
     created (a dry run writes nothing, not even the bucket)."""
     if create:
         await ensure_bucket(nc, bucket, replicas)
-        return await KVBucket.open(nc, bucket)
-    try:
-        info = await nc.jetstream().stream_info(stream_name(bucket))
-    except nats.js.errors.NotFoundError:
+    elif await bucket_info(nc, bucket) is None:
         return None
-    except nats.js.errors.ServiceUnavailableError:
-        raise StoreError("JetStream is not enabled for this account") from None
-    except nats.errors.NoRespondersError:
-        raise StoreError("JetStream is not available (no responders)") from None
-    subjects = list(info.config.subjects or [])
-    if subjects != [f"$KV.{bucket}.>"]:
-        raise BucketConfigError(
-            f"stream {stream_name(bucket)} exists but is not a KV bucket (subjects {subjects})"
-        )
     return await KVBucket.open(nc, bucket)
 
 

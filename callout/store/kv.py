@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 
 from callout.store.base import StoreError
 
@@ -28,6 +29,22 @@ _NO_MESSAGE = 10037  # JSNoMessageFoundErr
 _STREAM_NOT_FOUND = 10059  # JSStreamNotFoundErr
 _KV_OPERATION = b"KV-Operation:"
 HISTORY = 5
+
+
+# A KV delete or purge is a message with a KV-Operation header; nats-server 2.11+ marks
+# per-message TTL expiries with Nats-Marker-Reason instead.
+_DELETE_OPS = frozenset({"DEL", "PURGE"})
+_MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
+
+
+def is_delete(headers: Mapping[str, str] | None) -> bool:
+    """Whether a watched KV message removes its key (headers as nats-py parses them)."""
+    if not headers:
+        return False
+    return (
+        headers.get("KV-Operation") in _DELETE_OPS
+        or headers.get("Nats-Marker-Reason") in _MARKER_DELETES
+    )
 
 
 def stream_name(bucket: str) -> str:
@@ -105,15 +122,33 @@ class BucketConfigError(StoreError):
     """A stream of the bucket's name exists but is not the bucket we expect."""
 
 
-async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
-    """Create the bucket when it is missing (replicas default 1); check it when it exists."""
-    js = nc.jetstream()
+async def bucket_info(nc: Client, bucket: str) -> StreamInfo | None:
+    """The bucket's stream, None when it does not exist; an error when JetStream cannot say,
+    or when a stream of that name is not a KV bucket."""
     name = stream_name(bucket)
     try:
-        info = await js.stream_info(name)
+        info = await nc.jetstream().stream_info(name)
     except nats.js.errors.NotFoundError:
+        return None
+    except nats.js.errors.ServiceUnavailableError:
+        raise StoreError("JetStream is not enabled for this account") from None
+    except nats.errors.NoRespondersError:
+        raise StoreError("JetStream is not available (no responders)") from None
+    subjects = list(info.config.subjects or [])
+    if subjects != [f"$KV.{bucket}.>"]:
+        raise BucketConfigError(
+            f"stream {name} exists but is not a KV bucket (subjects {subjects});"
+            " pick another --users-bucket"
+        )
+    return info
+
+
+async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
+    """Create the bucket when it is missing (replicas default 1); check it when it exists."""
+    info = await bucket_info(nc, bucket)
+    if info is None:
         try:
-            await js.create_key_value(
+            await nc.jetstream().create_key_value(
                 KeyValueConfig(
                     bucket=bucket,
                     history=HISTORY,
@@ -127,16 +162,6 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
                 f"cannot create bucket {bucket!r}: {exc.description or exc.code}"
             ) from None
         return
-    except nats.js.errors.ServiceUnavailableError:
-        raise StoreError("JetStream is not enabled for this account") from None
-    except nats.errors.NoRespondersError:
-        raise StoreError("JetStream is not available (no responders)") from None
-    subjects = list(info.config.subjects or [])
-    if subjects != [f"$KV.{bucket}.>"]:
-        raise BucketConfigError(
-            f"stream {name} exists but is not a KV bucket (subjects {subjects});"
-            " pick another --users-bucket"
-        )
     have = info.config.num_replicas or 1
     if replicas is not None and have != replicas:
         raise BucketConfigError(

@@ -36,13 +36,7 @@ from nats.js.api import DeliverPolicy
 
 from callout import log
 from callout.store.base import StoreError
-from callout.store.kv import KVStore, stream_name
-
-_KV_OPERATION = "KV-Operation"
-_DELETE_OPS = frozenset({"DEL", "PURGE"})
-# nats-server 2.11+ marks per-message TTL expiries this way instead of KV-Operation.
-_MARKER_REASON = "Nats-Marker-Reason"
-_MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
+from callout.store.kv import KVStore, is_delete, stream_name
 
 
 class _ProbeTimeout(Exception):
@@ -196,10 +190,7 @@ class WatchedStore:
             key = msg.subject[prefix:]
             headers = msg.headers
             old = records.get(key)
-            if headers and (
-                headers.get(_KV_OPERATION) in _DELETE_OPS
-                or headers.get(_MARKER_REASON) in _MARKER_DELETES
-            ):
+            if is_delete(headers):
                 records.pop(key, None)
                 new = None
             else:
