@@ -102,7 +102,9 @@ OVERLOADED: Final = "overloaded"  # backlog over --max-backlog: oldest answered 
 ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
 # Failures that count against the FailureLimiter. A bad signature proves nothing about the
 # key it names (anyone can claim a key), so it counts against the source host only.
-_HOST_FAILURES: Final = frozenset({NO_NKEY, BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE, THROTTLED})
+# THROTTLED is not a failure: counting its own refusals would keep a host throttled by the
+# retries of the valid clients behind it, after the failing one stopped.
+_HOST_FAILURES: Final = frozenset({NO_NKEY, BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE})
 _KEY_FAILURES: Final = frozenset({UNKNOWN_USER, REVOKED, RECORD_INVALID, ACCOUNT_NOT_ALLOWED})
 
 # Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
@@ -471,6 +473,15 @@ class Authorizer:
         self, request: Request, answer: StoreAnswer | None, replay: ReplayAnswer | None
     ) -> Decision:
         policy = self.policy
+        # The default account is checked like a record's: never SYS or the callout account,
+        # whatever the configuration says (the CLI refuses it too; this is the rule).
+        if (request.internal or answer == Missing()) and not self._placeable(policy.account):
+            return Decision(
+                ACCOUNT_NOT_ALLOWED,
+                f"default account {policy.account!r} may not be placed into",
+                request,
+                client_key=request.client_key,
+            )
         if request.internal:
             return Decision(
                 ADMIT_INTERNAL,

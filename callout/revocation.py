@@ -30,6 +30,9 @@ from callout.decision import ADMIT, Decision
 
 # Bounds the ledger: the oldest admissions are forgotten first (they expire first too).
 MAX_CONNECTIONS = 1_000_000
+# How long a revocation is remembered for requests that were deciding when it arrived: far
+# longer than any decision takes (--backend-timeout, the server's timeout).
+_RECENT_SECONDS = 60.0
 
 
 @dataclass
@@ -43,6 +46,9 @@ class Revoker:
     _ledger: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
     _order: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # client key -> when we saw its record revoked or deleted, for a few seconds: a request
+    # that was already deciding then may be admitted after the kick went out (see observe).
+    _recent: dict[str, float] = field(default_factory=dict)
 
     # -- fed by the service with every decision -----------------------------------------------
     def observe(self, decision: Decision, _latency: float) -> None:
@@ -57,11 +63,24 @@ class Revoker:
         while len(self._order) > MAX_CONNECTIONS:
             key, server, cid = self._order.popitem(last=False)[0]
             self._ledger.get(key, {}).pop((server, cid), None)
+        # Opened before the revocation was seen, admitted after its kick: kick this one too.
+        revoked_at = self._recent.get(request.client_key)
+        if revoked_at is not None and request.opened_at <= revoked_at:
+            self._schedule(request.client_key)
 
     # -- fed by the users-bucket watch --------------------------------------------------------
     def record_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
-        if key not in self._ledger or not _ends_sessions(new):
+        if not _ends_sessions(new):
+            self._recent.pop(key, None)
             return
+        now = time.time()
+        self._recent[key] = now
+        for stale in [k for k, at in self._recent.items() if now - at > _RECENT_SECONDS]:
+            del self._recent[stale]
+        if key in self._ledger:
+            self._schedule(key)
+
+    def _schedule(self, key: str) -> None:
         task = asyncio.get_running_loop().create_task(self.kick(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -16,6 +16,7 @@ It owns the promises the core cannot keep by itself:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,9 +98,14 @@ class CalloutService:
     async def stop(self) -> None:
         """Stop taking requests and answer every one already taken."""
         if self._sub is not None:
-            # Drain, not unsubscribe: requests the server already sent us are still answered.
-            await self._sub.drain()  # type: ignore[no-untyped-call]  # nats-py: untyped
-            self._sub = None
+            sub, self._sub = self._sub, None
+            try:
+                # Drain, not unsubscribe: requests the server already sent us are answered.
+                await sub.drain()  # type: ignore[no-untyped-call]  # nats-py: untyped
+            except Exception as exc:  # a dead connection cannot drain; answer what we hold
+                log.warning("drain_failed", exception=type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         # Finishing a task starts the next backlog entry, so wait until both are empty.
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -82,7 +82,8 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
             fail(f"{flag} {problem}")
     allowed = frozenset(args.allowed_account or [args.account])
     forbidden = frozenset({"SYS", "$SYS", args.system_account, args.callout_account})
-    if bad := sorted(allowed & forbidden):
+    # --account places internal keys and soft-mode admits: it obeys the same rule.
+    if bad := sorted((allowed | {args.account}) & forbidden):
         fail(
             f"refusing to place users in {', '.join(bad)}: the system and callout accounts"
             " are never allowed (--allowed-account / --account)"
@@ -94,7 +95,7 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
         fail("--backend-timeout must be > 0")
     signers = _signers(args)
     if args.operator:
-        if missing := sorted(allowed - signers.keys()):
+        if missing := sorted((allowed | {args.account}) - signers.keys()):
             fail(f"operator mode: no --account-signer for account(s) {', '.join(missing)}")
         if args.issuer_account:
             try:

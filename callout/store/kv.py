@@ -27,7 +27,6 @@ from callout.store.base import StoreError
 # JetStream API error codes (nats-server server/errors.json).
 _NO_MESSAGE = 10037  # JSNoMessageFoundErr
 _STREAM_NOT_FOUND = 10059  # JSStreamNotFoundErr
-_KV_OPERATION = b"KV-Operation:"
 HISTORY = 5
 
 
@@ -52,14 +51,19 @@ def stream_name(bucket: str) -> str:
 
 
 def _deleted(headers_b64: object) -> bool:
-    """KV deletes and purges are messages with a KV-Operation header (DEL / PURGE)."""
+    """Whether a stored message removes its key: the same rule as the watch (`is_delete`)."""
     if not isinstance(headers_b64, str) or not headers_b64:
         return False
     try:
-        headers = base64.b64decode(headers_b64)
+        block = base64.b64decode(headers_b64).decode("utf-8", "replace")
     except (binascii.Error, ValueError):
         raise StoreError("stream message headers are not base64") from None
-    return _KV_OPERATION.lower() in headers.lower()
+    headers: dict[str, str] = {}
+    for line in block.split("\r\n")[1:]:  # the first line is NATS/1.0
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip()] = value.strip()
+    return is_delete(headers)
 
 
 class KVStore:

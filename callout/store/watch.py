@@ -85,6 +85,7 @@ class WatchedStore:
         self._subject_prefix = f"$KV.{bucket}."
         self._last_error = ""
         self._records: dict[str, bytes] = {}
+        self._deleted: set[str] = set()
         self._seen_seq = 0
         self._live = False
         self.state = "loading"  # loading | live | lagging | disconnected | unavailable
@@ -182,6 +183,10 @@ class WatchedStore:
         # the subscription callback loads 100,000 users about 3x faster than its queue of
         # Entry objects. Last value per key first, then every change.
         records: dict[str, bytes] = {}
+        # Keys whose last message is a delete marker: the stream counts them as subjects too,
+        # which the purge check below must allow for.
+        deleted: set[str] = set()
+        self._deleted = deleted
         loaded = asyncio.Event()
         prefix = len(self._subject_prefix)
 
@@ -192,9 +197,11 @@ class WatchedStore:
             old = records.get(key)
             if is_delete(headers):
                 records.pop(key, None)
+                deleted.add(key)
                 new = None
             else:
                 records[key] = new = msg.data
+                deleted.discard(key)
             if loaded.is_set() and old != new:
                 self._notify(key, old, new)
             if meta.sequence.stream > self._seen_seq:
@@ -245,6 +252,9 @@ class WatchedStore:
             self._records = records
             # Writes that landed during the load are on their way; the next probe checks them.
             probe = await self._probe()
+            if self._restart.is_set() or self._stopping:
+                # A disconnect (or stop) while loading: this copy may already be behind.
+                raise StoreError("restart requested during the load")
             self._verified_at = before.taken_at
             self._live, self.state = True, "live"
             self.live_event.set()
@@ -277,8 +287,11 @@ class WatchedStore:
                     raise StoreError("stream probes unanswered") from None
                 continue
             if probe.created != previous.created or probe.last_seq < self._seen_seq:
+                self._go_dark("unavailable")  # before any await: the copy is known stale
                 raise StoreError("bucket was re-created")
-            if probe.num_subjects < len(self._records):
+            # A purge sends the watch nothing, but leaves fewer subjects than keys we know of.
+            if probe.num_subjects < len(self._records) + len(self._deleted):
+                self._go_dark("unavailable")
                 raise StoreError("keys were purged from the bucket")
             # Everything the stream held at the previous probe must have arrived by now.
             if self._seen_seq < previous.last_seq:

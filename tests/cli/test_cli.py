@@ -454,6 +454,7 @@ def _serve_with(files: dict[str, Path], url: str, **override: str | Sequence[str
         ("internal_key_not_a_user_key", "user public key"),
         ("allowed_account_sys", "SYS"),
         ("account_is_callout_account", "AUTH"),
+        ("account_sys_beside_allowed_app", "SYS"),
     ],
 )
 def test_serve_refuses_a_user_mistake_with_one_line(
@@ -473,6 +474,10 @@ def test_serve_refuses_a_user_mistake_with_one_line(
         "internal_key_not_a_user_key": _serve_with(files, url, internal_key=[keys.issuer_pub]),
         "allowed_account_sys": _serve_with(files, url, allowed_account=[APP, "SYS"]),
         "account_is_callout_account": _serve_with(files, url, account="AUTH"),
+        # --account places internal keys and soft-mode admits even when records may not name it.
+        "account_sys_beside_allowed_app": _serve_with(
+            files, url, account="SYS", allowed_account=[APP], mode="soft"
+        ),
     }[case]
     line = one_line_error(cli(*args))
     assert expect in line

@@ -251,3 +251,44 @@ async def test_unanswered_probes_stop_the_copy_after_max_unverified(
     finally:
         await store.stop()
         await nc.close()
+
+
+async def test_subject_purge_beside_a_deleted_key_drops_the_copy(
+    nats_server: Any, keys: Keys
+) -> None:
+    # The stream counts a deleted key's marker as a subject: purging one live key's subject
+    # must still be noticed when another key is deleted.
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    pubs = [new_user()[1] for _ in range(3)]
+    for pub in pubs:
+        await kv.put(pub, record("x"))
+    await kv.delete(pubs[2])
+    store, _ = await watched(nc)
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        loads = store.loads
+        await nc.jetstream().purge_stream("KV_users", subject=f"$KV.users.{pubs[0]}")
+        await until(lambda: store.loads > loads and store.live)
+        assert await store.get(pubs[0]) is None
+        assert await store.get(pubs[1]) == record("x")
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+def test_direct_lookups_read_deletes_as_the_watch_does() -> None:
+    import base64
+
+    from callout.store.kv import _deleted
+
+    def block(*lines: str) -> str:
+        return base64.b64encode("\r\n".join(["NATS/1.0", *lines, "", ""]).encode()).decode()
+
+    assert _deleted(block("KV-Operation: DEL"))
+    assert _deleted(block("KV-Operation: PURGE"))
+    assert _deleted(block("Nats-Marker-Reason: MaxAge"))
+    assert not _deleted(block("KV-Operation: PUT-ISH"))
+    assert not _deleted(block("Other: value"))
+    assert not _deleted(None)

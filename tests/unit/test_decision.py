@@ -1147,3 +1147,27 @@ def test_limiter_is_bounded_and_can_be_off() -> None:
         small.failed(f"k{i}", NOW)
     assert len(small) == 3
     assert small.throttled("k9", NOW) and not small.throttled("k0", NOW)
+
+
+def test_default_account_is_never_sys_or_the_callout_account() -> None:
+    # Even if a configuration got past the CLI: internal keys and soft-mode admits are placed
+    # in --account, which obeys the same rule as a record's account.
+    for account in ("SYS", "AUTH"):
+        internal = internal_rig(account=account, allowed_accounts=frozenset({"APP"}))
+        assert internal.run(internal.forge(), None).reason == d.ACCOUNT_NOT_ALLOWED
+        soft = make_rig(account=account, mode="soft", allowed_accounts=frozenset({"APP"}))
+        assert soft.run(soft.forge(), Missing()).reason == d.ACCOUNT_NOT_ALLOWED
+
+
+def test_throttled_refusals_do_not_keep_a_host_throttled() -> None:
+    r = make_rig(fail_limit_host=2, fail_window=10.0)
+    bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
+    for _ in range(2):
+        assert r.run(r.forge(overrides=bad), Missing()).reason == d.BAD_SIGNATURE
+    # Valid clients behind the host keep retrying while it is throttled ...
+    for i in range(20):
+        at = NOW + i * 0.2
+        assert r.run(r.forge(now=at), Found(ALICE), now=at).reason in {d.THROTTLED, d.ADMIT}
+    # ... and still get in once the window has passed since the last real failure.
+    later = NOW + 6.0
+    assert r.run(r.forge(now=later), Found(ALICE), now=later).reason == d.ADMIT

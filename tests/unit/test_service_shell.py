@@ -538,3 +538,32 @@ async def test_stop_answers_what_was_taken() -> None:
     store.gate.set()
     await asyncio.wait_for(stopping, 10)
     assert len(env.nc.published) == 3
+
+
+async def test_stop_answers_in_flight_requests_even_when_drain_fails() -> None:
+    # A dead connection cannot drain the subscription; what the service holds is still answered.
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, max_inflight=4)
+    store.records[env.client.public] = record("alice")
+
+    class BrokenSub:
+        unsubscribed = False
+
+        async def drain(self) -> None:
+            raise ConnectionError("connection closed")
+
+        async def unsubscribe(self) -> None:
+            self.unsubscribed = True
+
+    sub = BrokenSub()
+    env.service._sub = sub  # type: ignore[assignment]
+    msgs = [env.msg(env.forge()) for _ in range(2)]
+    for m in msgs:
+        await env.service._on_message(m)
+    await asyncio.wait_for(store.when_active(2).wait(), 10)
+    stopping = asyncio.create_task(env.service.stop())
+    store.gate.set()
+    await asyncio.wait_for(stopping, 10)
+    assert sub.unsubscribed and not env.service.subscribed
+    assert sorted(subject for subject, _ in env.nc.published) == sorted(m.reply for m in msgs)
