@@ -19,7 +19,8 @@ Asserted: no bad client admitted; every real client admitted; the limiter engage
 kinds; real users are never throttled. Their latency with and without the loop is recorded,
 not asserted (speed is measured in bench/); the only bound is that they were admitted, which
 means answered within the server's timeout. And the trade-off the README states: a real
-client behind the brute force's address (a shared NAT) is throttled along with it.
+client behind the brute force's address (a shared NAT) is throttled along with it (all but the
+attempts that land on the host's refill).
 """
 
 from __future__ import annotations
@@ -111,11 +112,14 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
 
             # Both limits have engaged before the real clients are timed.
             await eventually(lambda: throttled(BAD_HOST) > 0 and throttled("127.0.1.") > 0)
-            # The trade-off: a real user behind the brute force's address is throttled too.
-            admitted, _ = await connect_from(server.port, BAD_HOST, natted_seed)
-            assert not admitted
-            await eventually(lambda: any(d["client"] == natted for d in svc.events("decision")))
-            (shared,) = [d["reason"] for d in svc.events("decision") if d["client"] == natted]
+            # The trade-off: a real user behind the brute force's address is throttled too,
+            # but for the host's refill (one attempt per limit/window), which may let one in.
+            for _ in range(5):
+                await connect_from(server.port, BAD_HOST, natted_seed)
+            await eventually(
+                lambda: sum(d["client"] == natted for d in svc.events("decision")) == 5
+            )
+            shared = {d["reason"] for d in svc.events("decision") if d["client"] == natted}
             loaded = await real_clients(r, server.url, seeds, tally)
             assert bad.returncode is None, "the loop ended before the real clients were done"
             bad.stdin.close()
@@ -129,7 +133,7 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
 
         assert done["admitted"] == 0
         assert all(o.admitted for o in quiet + loaded)
-        assert shared == "throttled"
+        assert "throttled" in shared and shared <= {"throttled", "admit"}
         decisions = svc.events("decision")
         real_keys = {pub for _, pub in real}
         from_real_host = [d for d in decisions if d.get("host") == "127.0.0.1"]
