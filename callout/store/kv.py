@@ -66,6 +66,37 @@ def _deleted(headers_b64: object) -> bool:
     return is_delete(headers)
 
 
+async def js_request(
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    wait: float,
+    headers: dict[str, str] | None = None,
+    no_responders: str = "JetStream is not available (no responders)",
+) -> dict[str, Any]:
+    """One JetStream API request, its answer as a JSON object (an `error` in it is left to the
+    caller); every way it can fail is a StoreError, so callers fail closed. `wait` only keeps
+    nats-py from giving up first: callers bound the whole call with their own deadline."""
+    if not nc.is_connected:
+        # nats-py would buffer the request until a reconnect: answer now instead.
+        raise StoreError("not connected to NATS")
+    try:
+        msg = await nc.request(subject, payload, timeout=wait, headers=headers)
+    except nats.errors.NoRespondersError:
+        raise StoreError(no_responders) from None
+    except nats.errors.TimeoutError:
+        raise StoreError("JetStream did not answer") from None
+    except nats.errors.Error as exc:
+        raise StoreError(f"NATS error: {type(exc).__name__}") from None
+    try:
+        doc = orjson.loads(msg.data)
+    except orjson.JSONDecodeError:
+        raise StoreError("JetStream answered with something that is not JSON") from None
+    if not isinstance(doc, dict):
+        raise StoreError("JetStream answered with something that is not a JSON object")
+    return doc
+
+
 class KVStore:
     """`Store` over a KV bucket. Holds no binding: it works from whenever the bucket exists."""
 
@@ -82,24 +113,8 @@ class KVStore:
 
     async def get_entry(self, key: str) -> tuple[bytes, int] | None:
         """(value, revision) of `key`, None when it has no live value."""
-        if not self._nc.is_connected:
-            # nats-py would buffer the request until a reconnect: answer now instead.
-            raise StoreError("not connected to NATS")
         request = orjson.dumps({"last_by_subj": self._subject_prefix + key})
-        try:
-            msg = await self._nc.request(self._api, request, timeout=self._timeout)
-        except nats.errors.NoRespondersError:
-            raise StoreError("JetStream is not available (no responders)") from None
-        except nats.errors.TimeoutError:
-            raise StoreError("JetStream did not answer") from None
-        except nats.errors.Error as exc:
-            raise StoreError(f"NATS error: {type(exc).__name__}") from None
-        try:
-            doc: Any = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            raise StoreError("JetStream answered with something that is not JSON") from None
-        if not isinstance(doc, dict):
-            raise StoreError("JetStream answered with something that is not a JSON object")
+        doc = await js_request(self._nc, self._api, request, self._timeout)
         error = doc.get("error")
         if error is not None:
             code = error.get("err_code") if isinstance(error, dict) else None

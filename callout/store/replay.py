@@ -14,12 +14,11 @@ import re
 
 import nats.errors
 import nats.js.errors
-import orjson
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 
 from callout.store.base import StoreError
-from callout.store.kv import BucketConfigError, stream_name
+from callout.store.kv import BucketConfigError, js_request, stream_name
 
 _WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErr: the key exists
 _EXPECT_NEW = {"Nats-Expected-Last-Subject-Sequence": "0"}
@@ -70,23 +69,15 @@ class ReplayBucket:
         return all(results)
 
     async def _create(self, key: str) -> bool:
-        if not self._nc.is_connected:
-            raise StoreError("not connected to NATS")
-        try:
-            msg = await self._nc.request(
-                self._prefix + key, b"", timeout=self._timeout, headers=_EXPECT_NEW
-            )
-        except nats.errors.NoRespondersError:
-            raise StoreError(f"replay bucket {self.bucket!r} is not available") from None
-        except nats.errors.TimeoutError:
-            raise StoreError("JetStream did not answer") from None
-        except nats.errors.Error as exc:
-            raise StoreError(f"NATS error: {type(exc).__name__}") from None
-        try:
-            doc = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            raise StoreError("JetStream answered with something that is not JSON") from None
-        error = doc.get("error") if isinstance(doc, dict) else None
+        doc = await js_request(
+            self._nc,
+            self._prefix + key,
+            b"",
+            self._timeout,
+            headers=_EXPECT_NEW,
+            no_responders=f"replay bucket {self.bucket!r} is not available",
+        )
+        error = doc.get("error")
         if error is None:
             return True
         if isinstance(error, dict) and error.get("err_code") == _WRONG_LAST_SEQUENCE:
