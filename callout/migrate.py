@@ -42,7 +42,15 @@ from nats.js.kv import KeyValue
 from callout.keys import KeyError_, KeyKind, decode_public
 from callout.records import MAX_RECORD_BYTES, RecordError, UserRecord, parse_record
 from callout.store.base import StoreError
-from callout.store.kv import KVStore, bucket_info, ensure_bucket, is_delete, stream_name
+from callout.store.kv import (
+    KVStore,
+    bucket_info,
+    create_key,
+    ensure_bucket,
+    is_delete,
+    stream_name,
+    update_key,
+)
 
 # Lookups and writes in flight at once: enough to hide the round trip, few enough not to
 # swamp a JetStream leader that is also serving the callout's own lookups.
@@ -559,18 +567,10 @@ class KVBucket:
         return await scan(self._nc, self._bucket, keep)
 
     async def create(self, key: str, value: bytes) -> bool:
-        try:
-            await self._kv.create(key, value)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
+        return await create_key(self._kv, key, value)
 
     async def update(self, key: str, value: bytes, revision: int) -> bool:
-        try:
-            await self._kv.update(key, value, last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
+        return await update_key(self._kv, key, value, revision)
 
 
 async def _each(items: Iterable[Item], work: Callable[[Item], Awaitable[None]], limit: int) -> None:

@@ -11,9 +11,10 @@ and every JetStream error code other than "no message found" is a StoreError.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import nats.errors
@@ -21,6 +22,7 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType, StreamInfo
+from nats.js.kv import KeyValue
 
 from callout.store.base import StoreError
 
@@ -189,21 +191,45 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
         )
 
 
-async def create(nc: Client, bucket: str, key: str, value: bytes) -> bool:
+# A write that finds no responders reached no stream, so it is safe to send again. A stream
+# just created, or electing a leader, has none for a moment: its leader's interest in
+# `$KV.<bucket>.>` is still on its way to the node we are connected to. nats.go's JetStream
+# publish retries this case the same way (twice, 250 ms apart); nats-py does not.
+_NO_RESPONDERS_RETRIES = 4
+_NO_RESPONDERS_WAIT = 0.25
+
+
+async def _written(write: Callable[[], Awaitable[object]]) -> bool:
+    """Run a conditional KV write: False when its revision check failed."""
+    for attempt in range(_NO_RESPONDERS_RETRIES + 1):
+        try:
+            await write()
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.js.errors.NoStreamResponseError:  # nats-py's name for no responders
+            if attempt == _NO_RESPONDERS_RETRIES:
+                raise StoreError(
+                    "no stream answered the write (JetStream is down or electing a leader)"
+                ) from None
+            await asyncio.sleep(_NO_RESPONDERS_WAIT)
+        else:
+            return True
+    raise AssertionError("unreachable")
+
+
+async def create_key(kv: KeyValue, key: str, value: bytes) -> bool:
     """Write a new key; False when it already has a live value."""
-    kv = await nc.jetstream().key_value(bucket)
-    try:
-        await kv.create(key, value)
-    except nats.js.errors.KeyWrongLastSequenceError:
-        return False
-    return True
+    return await _written(lambda: kv.create(key, value))
+
+
+async def update_key(kv: KeyValue, key: str, value: bytes, revision: int) -> bool:
+    """Compare-and-set: False when the key changed since `revision` (someone else wrote)."""
+    return await _written(lambda: kv.update(key, value, last=revision))
+
+
+async def create(nc: Client, bucket: str, key: str, value: bytes) -> bool:
+    return await create_key(await nc.jetstream().key_value(bucket), key, value)
 
 
 async def update(nc: Client, bucket: str, key: str, value: bytes, revision: int) -> bool:
-    """Compare-and-set: False when the key changed since `revision` (someone else wrote)."""
-    kv = await nc.jetstream().key_value(bucket)
-    try:
-        await kv.update(key, value, last=revision)
-    except nats.js.errors.KeyWrongLastSequenceError:
-        return False
-    return True
+    return await update_key(await nc.jetstream().key_value(bucket), key, value, revision)

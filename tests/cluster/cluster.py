@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import orjson
 from nats.aio.client import Client
 
@@ -45,6 +46,7 @@ CLUSTER_NAME = "callout-test"
 CONNECT_TIMEOUT = 5.0
 READY_TIMEOUT = 20.0
 USERS_STREAM = "KV_users"
+STREAM_NOT_MATCH = 10060  # JSStreamNotMatchErr: "expected stream does not match"
 
 
 def distinct_ports(n: int) -> list[int]:
@@ -169,6 +171,41 @@ class Cluster:
 
     # -- JetStream ----------------------------------------------------------------------
 
+    async def wait_reachable(self, i: int, prefix: str, timeout: float = READY_TIMEOUT) -> None:
+        """Until a publish on `prefix` through node `i` reaches the stream.
+
+        The stream's leader subscribes to its subjects once elected, and that interest reaches
+        the other nodes over the routes a moment later; a publish through a node it has not
+        reached yet finds no responders (nats-py's NoStreamResponseError). The interest
+        becomes visible to clients by no event, so this probes, with a deadline. The probe
+        names another stream in Nats-Expected-Stream: the stream refuses it, storing nothing,
+        and its refusal is the answer that proves the path."""
+        nc = await nats.connect(
+            servers=[self.nodes[i].url],
+            nkeys_seed_str=self.keys.service_seed,
+            connect_timeout=5,
+            allow_reconnect=False,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    msg = await nc.request(
+                        f"{prefix}readiness-probe",
+                        b"",
+                        timeout=2,
+                        headers={"Nats-Expected-Stream": "not-this-stream"},
+                    )
+                except nats.errors.NoRespondersError:
+                    assert time.monotonic() < deadline, f"{prefix}> unreachable via {self.name(i)}"
+                    await asyncio.sleep(0.05)
+                    continue
+                answer = orjson.loads(msg.data)
+                assert answer.get("error", {}).get("err_code") == STREAM_NOT_MATCH, answer
+                return
+        finally:
+            await nc.close()
+
     async def stream_info(self, nc: Client, stream: str = USERS_STREAM) -> dict[str, Any]:
         msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)
         info: dict[str, Any] = orjson.loads(msg.data)
@@ -205,8 +242,9 @@ async def running_cluster(
         cluster.stop()
 
 
-def create_users_bucket(cluster: Cluster, files: dict[str, Path]) -> None:
-    """The R3 bucket, created the way operators do: `callout users --replicas 3` (list)."""
+async def create_users_bucket(cluster: Cluster, files: dict[str, Path]) -> None:
+    """The R3 bucket, created the way operators do: `callout users --replicas 3` (list), and
+    writable through every node before the test writes to it."""
     result = run_cli(
         "users",
         "--nats-url", cluster.urls,
@@ -215,6 +253,7 @@ def create_users_bucket(cluster: Cluster, files: dict[str, Path]) -> None:
         "list",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    await asyncio.gather(*(cluster.wait_reachable(i, "$KV.users.") for i in range(3)))
 
 
 def cluster_serve_args(

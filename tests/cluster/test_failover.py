@@ -70,7 +70,7 @@ async def test_losing_the_users_stream_leader(
     # revocation the cluster acknowledged.
     late_seed, late = new_user()
     async with running_cluster(tmp_path, keys) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         nc = await admin_connection(cluster)
         replicas = []
         try:
@@ -186,7 +186,7 @@ async def test_killing_a_replica_during_a_burst_leaves_no_allowed_user_denied(
     files = seed_files(keys, tmp_path / "keys")
     users = [new_user() for _ in range(BURST)]
     async with running_cluster(tmp_path, keys) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         nc = await admin_connection(cluster)
         replicas = []
         try:

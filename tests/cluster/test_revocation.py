@@ -33,7 +33,7 @@ async def test_revoke_closes_sessions_on_every_node_within_1s(tmp_path: Path, ke
     alice_seed, alice = new_user()
     bob_seed, bob = new_user()
     async with running_cluster(tmp_path, keys, sys_nkey=system_pub) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         nc = await admin_connection(cluster)
         replicas = []
         try:

@@ -39,7 +39,7 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
     revoked_seed, revoked = new_user()
     stranger_seed, stranger = new_user()
     async with running_cluster(tmp_path, keys) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         nc = await admin_connection(cluster)
         replicas = []
         try:
@@ -88,7 +88,7 @@ async def test_user_added_and_revoked_through_node_1_applies_through_node_3(
     files = seed_files(keys, tmp_path / "keys")
     bob_seed, bob = new_user()
     async with running_cluster(tmp_path, keys) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         first, third = cluster.nodes[0], cluster.nodes[2]
         service_seed = str(files["service"])
         users_via_first = ["users", "--nats-url", first.url, "--nkey-seed-file", service_seed]

@@ -150,7 +150,7 @@ async def test_xkey_rotation_node_by_node_admits_throughout(
     seed_b = write_seed(tmp_path / "keys" / "xkey-new.nk", new_seed)
     user_seed, user = new_user()
     async with running_cluster(tmp_path, keys, xkey=True) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         nc = await admin_connection(cluster)
         replicas: list[Subprocess] = []
         every_replica: list[Subprocess] = []

@@ -47,7 +47,7 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally) ->
     late_seed, late = new_user()
     users.other["revoked_late"] = late_seed
     async with running_cluster(tmp_path, keys) as cluster:
-        create_users_bucket(cluster, files)
+        await create_users_bucket(cluster, files)
         nc = await admin_connection(cluster)
         svc = None
         witness = None
