@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.runner --quick              # smoke run, under a minute
     .venv/bin/python -m bench.runner --scenarios LIMIT,plain --service-args='--max-inflight 64'
     .venv/bin/python -m bench.runner --json out.json --profile-service /tmp/svc.prof
+    .venv/bin/python -m bench.runner --py-spy /tmp/svc.spy        # py-spy on each service
 
 One run starts one fresh nats-server per scenario, all on loopback:
   LIMIT  the same users as static nkey users in the server config: no callout at all;
@@ -34,6 +35,7 @@ import os
 import pstats
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,6 +98,8 @@ class Scenario:
     service: subprocess.Popen[bytes] | None = None
     service_log: Path | None = None
     profile: Path | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    spy_out: Path | None = None
 
     @property
     def service_pid(self) -> int | None:
@@ -126,6 +130,11 @@ class Scenario:
             except subprocess.TimeoutExpired:
                 self.service.kill()
                 self.service.wait()
+        if self.spy is not None:
+            try:
+                self.spy.wait(30)  # py-spy writes its samples once the service has exited
+            except subprocess.TimeoutExpired:
+                self.spy.kill()
         self.server.stop()
 
 
@@ -143,6 +152,7 @@ class Options:
     service_src: Path
     service_rev: str | None
     profile: Path | None
+    spy: Path | None
     json: Path | None
     quiet_wait: float
     keep: Path | None
@@ -206,6 +216,9 @@ async def start_scenario(
         cmd += ["--log-level", "warning", *o.service_args]
         scenario.service_log = workdir / "service.log"
         scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
+        if o.spy is not None:
+            scenario.spy_out = o.spy.with_name(f"{o.spy.stem}.{name}.txt")
+            scenario.spy = start_spy(scenario.service.pid, scenario.spy_out)
     await wait_admitted(scenario, ids[0])
     warm = await load(server.url, ids, min(WARMUP, o.connects), 10, o.timeout)
     if warm.not_admitted:
@@ -454,6 +467,54 @@ def profile_report(path: Path, top: int = 15) -> str:
     return "\n".join(out) + "\n"
 
 
+def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the service from outside (no instrumentation: unlike cProfile it does
+    not slow the Python it measures), native frames included so libsodium shows, as collapsed
+    stacks: one line per distinct stack with its sample count (flamegraph.pl reads it)."""
+    binary = shutil.which("py-spy")
+    if binary is None:
+        raise SystemExit("--py-spy needs py-spy on PATH (pip install py-spy)")
+    cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
+           "--rate", "250", "--native"]  # fmt: skip
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _frame(frame: str) -> tuple[str, bool]:
+    """("file:function", is Python) from "function (path/file.py:line)": one entry per
+    function, whatever the line."""
+    name, _, where = frame.partition(" (")
+    file = Path(where.rstrip(")").rsplit(":", 1)[0]).name
+    return (f"{file}:{name}" if file else name), file.endswith(".py")
+
+
+def spy_report(path: Path, top: int = 15) -> str:
+    """Top entries of py-spy's collapsed stacks, as % of the busy samples (py-spy leaves idle
+    waits out): inclusive (the function anywhere in the stack), and own time by the innermost
+    Python function, native code (libsodium, the socket calls) counted in its Python caller."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    busy = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame(f) for f in stack.split(";")]
+        busy += count
+        python = [name for name, is_python in frames if is_python]
+        innermost = python[-1] if python else frames[-1][0]
+        own[innermost] = own.get(innermost, 0) + count
+        for name in {name for name, _ in frames}:
+            inclusive[name] = inclusive.get(name, 0) + count
+    out = [f"--- {path.name}: {busy} busy samples at 250 Hz (py-spy --native) ---"]
+    for title, table_ in (("inclusive", inclusive), ("own (Python function)", own)):
+        out.append(f"top {top} by {title}:")
+        for name, n in sorted(table_.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
+            out.append(f"{100 * n / max(busy, 1):6.1f} %  {name}")
+    return "\n".join(out) + "\n"
+
+
 def git(*args: str) -> str:
     done = subprocess.run(
         ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
@@ -521,6 +582,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     code.add_argument("--service-src", type=Path, default=REPO, help="run the callout found here")
     code.add_argument("--service-rev", help="run the callout of this git commit (e.g. HEAD)")
     p.add_argument("--profile-service", type=Path, help="cProfile the service into FILE.<name>")
+    p.add_argument("--py-spy", type=Path, help="py-spy each service into FILE.<name>.txt")
     p.add_argument("--json", type=Path, help="save every phase and the summary here")
     p.add_argument(
         "--busy-retries",
@@ -556,6 +618,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         service_src=a.service_src.resolve(),
         service_rev=a.service_rev,
         profile=a.profile_service.resolve() if a.profile_service else None,
+        spy=a.py_spy.resolve() if a.py_spy else None,
         json=a.json,
         quiet_wait=a.quiet_wait,
         keep=a.keep.resolve() if a.keep else None,
@@ -647,6 +710,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
             for scenario in scenarios.values():
                 if scenario.profile is not None and scenario.profile.exists():
                     print(profile_report(scenario.profile))
+        for scenario in scenarios.values():
+            if scenario.spy_out is not None and scenario.spy_out.exists():
+                print(spy_report(scenario.spy_out))
     if o.json is not None:
         o.json.write_text(
             json.dumps(
