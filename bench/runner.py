@@ -488,26 +488,41 @@ def _frame(frame: str) -> tuple[str, bool]:
     return (f"{file}:{name}" if file else name), file.endswith(".py")
 
 
+# py-spy counts a thread blocked in a native call as busy when it walks native frames:
+# stacks ending in the event loop's wait are idle time, left out.
+SPY_IDLE_LEAVES = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "select"})
+# Frames on (nearly) every stack, from `python -m` down into uvloop's run loop: left out of
+# the inclusive list, where they would fill the top.
+SPY_WRAPPERS = ("<frozen runpy>", "__main__.py:", "cli.py:main", "cli.py:_run", "__init__.py:run",
+                "runners.py:", "libc.so", "loop.c:", "core.c:", "object.h:", "queue.h:",
+                "loop-watcher.c:", "_asynciomodule.c:")  # fmt: skip
+
+
 def spy_report(path: Path, top: int = 15) -> str:
-    """Top entries of py-spy's collapsed stacks, as % of the busy samples (py-spy leaves idle
-    waits out): inclusive (the function anywhere in the stack), and own time by the innermost
-    Python function, native code (libsodium, the socket calls) counted in its Python caller."""
+    """Top entries of py-spy's collapsed stacks, as % of the busy samples: inclusive (the
+    function anywhere in the stack), and own time by the innermost Python function, native
+    code (libsodium, the socket calls) counted in its Python caller."""
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
-    busy = 0
+    busy = idle = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [_frame(f) for f in stack.split(";")]
+        raw = stack.split(";")
+        if raw[-1].partition(" (")[0] in SPY_IDLE_LEAVES:
+            idle += count
+            continue
+        frames = [_frame(f) for f in raw]
         busy += count
         python = [name for name, is_python in frames if is_python]
         innermost = python[-1] if python else frames[-1][0]
         own[innermost] = own.get(innermost, 0) + count
-        for name in {name for name, _ in frames}:
+        for name in {name for name, _ in frames if not name.startswith(SPY_WRAPPERS)}:
             inclusive[name] = inclusive.get(name, 0) + count
-    out = [f"--- {path.name}: {busy} busy samples at 250 Hz (py-spy --native) ---"]
+    out = [f"--- {path.name}: {busy} busy samples at 250 Hz (py-spy --native; {idle} idle"
+           " in the event loop's wait left out) ---"]  # fmt: skip
     for title, table_ in (("inclusive", inclusive), ("own (Python function)", own)):
         out.append(f"top {top} by {title}:")
         for name, n in sorted(table_.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
