@@ -14,6 +14,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import nats.errors
+
 from callout import __version__, log
 from callout.commands import connect, dev, keys, replay, serve, users
 from callout.commands.common import UserError
@@ -58,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"callout: error: {exc}", file=sys.stderr)
         usage = UserError | SeedFileError | KeyError_ | RecordError | kvstore.BucketConfigError
         return 2 if isinstance(exc, usage) else 1
+    except nats.errors.Error as exc:
+        # What a command did not map to a StoreError of its own (a NATS failure mid-command)
+        # is still one line, never a traceback.
+        print(f"callout: error: NATS: {str(exc).removeprefix('nats: ') or type(exc).__name__}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         return 130
 

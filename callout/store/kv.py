@@ -30,6 +30,10 @@ from callout.store.base import StoreError
 _NO_MESSAGE = 10037  # JSNoMessageFoundErr
 _STREAM_NOT_FOUND = 10059  # JSStreamNotFoundErr
 HISTORY = 5
+# A replicated stream answers its create once its replicas have elected a leader: usually
+# within a second, but one raft election timeout (several seconds) when the first campaign
+# fails on a busy cluster. nats-py's 5 s API default is too short for that.
+CREATE_TIMEOUT = 20.0
 
 
 # A KV delete or purge is a message with a KV-Operation header; nats-server 2.11+ marks
@@ -155,6 +159,8 @@ async def bucket_info(nc: Client, bucket: str) -> StreamInfo | None:
         raise StoreError("JetStream is not enabled for this account") from None
     except nats.errors.NoRespondersError:
         raise StoreError("JetStream is not available (no responders)") from None
+    except nats.errors.TimeoutError:
+        raise StoreError(f"JetStream did not answer for stream {name}") from None
     subjects = list(info.config.subjects or [])
     if subjects != [f"$KV.{bucket}.>"]:
         raise BucketConfigError(
@@ -169,7 +175,7 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
     info = await bucket_info(nc, bucket)
     if info is None:
         try:
-            await nc.jetstream().create_key_value(
+            await nc.jetstream(timeout=CREATE_TIMEOUT).create_key_value(
                 KeyValueConfig(
                     bucket=bucket,
                     history=HISTORY,
@@ -182,6 +188,14 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
             raise BucketConfigError(
                 f"cannot create bucket {bucket!r}: {exc.description or exc.code}"
             ) from None
+        except nats.errors.TimeoutError:
+            # The answer to a create may be lost while the stream was made all the same (seen
+            # on a cluster just formed): whether the bucket exists is the answer that counts.
+            if await bucket_info(nc, bucket) is None:
+                raise StoreError(
+                    f"JetStream did not confirm creating bucket {bucket!r} in"
+                    f" {CREATE_TIMEOUT:g} s, and it does not exist"
+                ) from None
         return
     have = info.config.num_replicas or 1
     if replicas is not None and have != replicas:

@@ -1,19 +1,24 @@
 """KV writes (`callout users add/revoke/import`) against a real nats-server: a write that found
 no stream is sent again, because no responders means nothing was stored; any other outcome
-is reported as it is, never sent twice."""
+is reported as it is, never sent twice. Creating the bucket: a create whose answer was lost
+is judged by whether the bucket exists, and the CLI says what failed in one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import nats.errors
 import pytest
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from callout import migrate
+from callout.cli import main
 from callout.store import StoreError
 from callout.store import kv as kvstore
 from tests.harness import Keys, nats_connect, new_user
-from tests.service import users_bucket
+from tests.service import seed_files, users_bucket
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +106,87 @@ async def test_a_write_whose_outcome_is_unknown_is_not_sent_again() -> None:
     with pytest.raises(nats.errors.TimeoutError):
         await kvstore._written(write)
     assert attempts == 1
+
+
+# -- creating the bucket ------------------------------------------------------------------
+
+
+def lose_create_answers(monkeypatch: pytest.MonkeyPatch, *, create: bool) -> list[str]:
+    """Stream creates time out on the client; with `create`, after the server made the stream
+    (its answer lost, as seen on a cluster just formed), without, before it got the request."""
+    original = JetStreamContext.add_stream
+    calls: list[str] = []
+
+    async def add_stream(self: JetStreamContext, config: Any = None, **params: Any) -> Any:
+        calls.append(config.name)
+        if create:
+            await original(self, config, **params)
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(JetStreamContext, "add_stream", add_stream)
+    return calls
+
+
+async def test_a_create_whose_answer_was_lost_finds_the_bucket_made(
+    nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nc = await nats_connect(nats_server().url, keys.service_seed)
+    calls = lose_create_answers(monkeypatch, create=True)
+    try:
+        await kvstore.ensure_bucket(nc, "users", None)
+        assert calls == ["KV_users"]
+        info = await kvstore.bucket_info(nc, "users")
+        assert info is not None and info.config.max_msgs_per_subject == kvstore.HISTORY
+    finally:
+        await nc.close()
+
+
+async def test_a_create_that_never_happened_is_a_store_error(
+    nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nc = await nats_connect(nats_server().url, keys.service_seed)
+    lose_create_answers(monkeypatch, create=False)
+    try:
+        with pytest.raises(StoreError, match=r"did not confirm creating bucket 'users' in 20 s"):
+            await kvstore.ensure_bucket(nc, "users", None)
+        assert await kvstore.bucket_info(nc, "users") is None
+    finally:
+        await nc.close()
+
+
+def test_the_cli_says_a_lost_create_in_one_line(
+    nats_server: Any,
+    keys: Keys,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = nats_server()
+    files = seed_files(keys, tmp_path / "keys")
+    lose_create_answers(monkeypatch, create=False)
+    args = ["users", "--nats-url", server.url, "--nkey-seed-file", str(files["service"]), "list"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "callout: error: JetStream did not confirm creating bucket 'users' in 20 s,"
+        " and it does not exist\n"
+    )
+
+
+def test_a_nats_failure_no_command_mapped_is_one_line_too(
+    nats_server: Any,
+    keys: Keys,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = nats_server()
+    files = seed_files(keys, tmp_path / "keys")
+
+    async def timed_out(*_: object) -> object:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(migrate, "bucket_entries", timed_out)
+    args = ["users", "--nats-url", server.url, "--nkey-seed-file", str(files["service"]), "list"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == "callout: error: NATS: timeout\n"
