@@ -217,7 +217,7 @@ async def start_scenario(
         scenario.service_log = workdir / "service.log"
         scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
         if o.spy is not None:
-            scenario.spy_out = o.spy.with_name(f"{o.spy.stem}.{name}.txt")
+            scenario.spy_out = o.spy.with_name(f"{o.spy.name}.{name}.txt")
             scenario.spy = start_spy(scenario.service.pid, scenario.spy_out)
     await wait_admitted(scenario, ids[0])
     warm = await load(server.url, ids, min(WARMUP, o.connects), 10, o.timeout)
@@ -472,12 +472,11 @@ def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     not slow the Python it measures), native frames included so libsodium shows, as collapsed
     stacks: one line per distinct stack with its sample count (flamegraph.pl reads it)."""
     binary = shutil.which("py-spy")
-    if binary is None:
-        raise SystemExit("--py-spy needs py-spy on PATH (pip install py-spy)")
+    assert binary is not None  # checked in parse()
     cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
            "--rate", "250", "--native"]  # fmt: skip
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    with out.with_suffix(".log").open("wb") as log:  # why it failed, if it does (ptrace)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
 
 def _frame(frame: str) -> tuple[str, bool]:
@@ -616,6 +615,8 @@ def parse(argv: Sequence[str] | None) -> Options:
     scenarios = tuple(s.strip() for s in a.scenarios.split(",") if s.strip())
     if bad := [s for s in scenarios if s not in SCENARIOS]:
         p.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
+    if a.py_spy is not None and shutil.which("py-spy") is None:
+        p.error("--py-spy needs py-spy on PATH (pip install py-spy)")
 
     def pick(value: int | None, full: int, quick: int) -> int:
         return value if value is not None else quick if a.quick else full
@@ -726,8 +727,13 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 if scenario.profile is not None and scenario.profile.exists():
                     print(profile_report(scenario.profile))
         for scenario in scenarios.values():
-            if scenario.spy_out is not None and scenario.spy_out.exists():
+            if scenario.spy_out is None:
+                continue
+            if scenario.spy_out.exists():
                 print(spy_report(scenario.spy_out))
+            else:
+                print(f"WARNING: py-spy wrote no {scenario.spy_out.name}; its output:")
+                print(scenario.spy_out.with_suffix(".log").read_text(errors="replace"))
     if o.json is not None:
         o.json.write_text(
             json.dumps(

@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 
 from callout import __version__, log
 from callout.commands import connect, dev, keys, replay, serve, users
@@ -47,6 +48,13 @@ def _run(coro: Coroutine[Any, Any, int], event_loop: str) -> int:
     return asyncio.run(coro)
 
 
+def _nats_error(exc: nats.errors.Error) -> str:
+    if isinstance(exc, nats.js.errors.APIError):
+        # nats-py prints every field of an API error, "None" for the missing ones.
+        return exc.description or type(exc).__name__
+    return str(exc).removeprefix("nats: ") or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "logs", False):
@@ -63,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except nats.errors.Error as exc:
         # What a command did not map to a StoreError of its own (a NATS failure mid-command)
         # is still one line, never a traceback.
-        print(f"callout: error: NATS: {str(exc).removeprefix('nats: ') or type(exc).__name__}",
-              file=sys.stderr)  # fmt: skip
+        print(f"callout: error: NATS: {_nats_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -190,13 +190,16 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
             ) from None
         except nats.errors.TimeoutError:
             # The answer to a create may be lost while the stream was made all the same (seen
-            # on a cluster just formed): whether the bucket exists is the answer that counts.
-            if await bucket_info(nc, bucket) is None:
+            # on a cluster just formed): whether the bucket exists is the answer that counts,
+            # and the bucket found is checked like any other.
+            info = await bucket_info(nc, bucket)
+            if info is None:
                 raise StoreError(
                     f"JetStream did not confirm creating bucket {bucket!r} in"
                     f" {CREATE_TIMEOUT:g} s, and it does not exist"
                 ) from None
-        return
+        else:
+            return
     have = info.config.num_replicas or 1
     if replicas is not None and have != replicas:
         raise BucketConfigError(
@@ -206,10 +209,12 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
 
 
 # A write that finds no responders reached no stream, so it is safe to send again. A stream
-# just created, or electing a leader, has none for a moment: its leader's interest in
-# `$KV.<bucket>.>` is still on its way to the node we are connected to. nats.go's JetStream
-# publish retries this case the same way (twice, 250 ms apart); nats-py does not.
-_NO_RESPONDERS_RETRIES = 4
+# has none for a moment when just created (its leader's interest in `$KV.<bucket>.>` is still
+# on its way to the node we are connected to), and for an election after its leader died
+# (about 5 s in nats-server 2.15). nats.go's JetStream publish retries this case too (twice,
+# 250 ms apart); nats-py does not. We keep trying for 10 s: `users` is run by hand, and a
+# revocation that waits out an election is better than one the operator must repeat.
+_NO_RESPONDERS_RETRIES = 40
 _NO_RESPONDERS_WAIT = 0.25
 
 

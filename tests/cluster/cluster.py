@@ -196,7 +196,8 @@ class Cluster:
                         timeout=2,
                         headers={"Nats-Expected-Stream": "not-this-stream"},
                     )
-                except nats.errors.NoRespondersError:
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    # A timeout: the answer was slow (a busy box), not a refusal; ask again.
                     assert time.monotonic() < deadline, f"{prefix}> unreachable via {self.name(i)}"
                     await asyncio.sleep(0.05)
                     continue
