@@ -44,6 +44,7 @@ from callout.records import MAX_RECORD_BYTES, RecordError, UserRecord, parse_rec
 from callout.store.base import StoreError
 from callout.store.kv import (
     KVStore,
+    NoStreamError,
     bucket_info,
     create_key,
     ensure_bucket,
@@ -640,10 +641,17 @@ async def plan(
 async def apply(bucket: Bucket, items: Collection[Item], *, limit: int = IN_FLIGHT) -> None:
     """Write what `plan` decided. Each write is conditional on the key being as planned; one
     that is not becomes a conflict. A write error fails that item only: the rest go on, and
-    running the import again finishes the job (what was written is then unchanged)."""
+    running the import again finishes the job (what was written is then unchanged). Once a
+    write has found no stream for the whole time a write waits, JetStream is down, not one
+    key: the rest are not tried (each would wait as long), and fail with that reason."""
+    down: str | None = None
 
     async def write(item: Item) -> None:
+        nonlocal down
         if item.action not in (ADDED, OVERWRITTEN):
+            return
+        if down is not None:
+            item.action, item.reason = FAILED, f"not tried: {down}"
             return
         try:
             if item.action == ADDED:
@@ -652,6 +660,8 @@ async def apply(bucket: Bucket, items: Collection[Item], *, limit: int = IN_FLIG
                 ok = await bucket.update(item.key, item.value, item.revision)
         except Exception as exc:  # any error: this write's outcome is unknown, the others are not
             item.action, item.reason = FAILED, _describe(exc)
+            if isinstance(exc, NoStreamError):
+                down = item.reason
             return
         if not ok:
             item.action, item.reason = CONFLICTING, "changed while importing; left as it is"

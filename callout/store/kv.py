@@ -218,6 +218,10 @@ _NO_RESPONDERS_RETRIES = 40
 _NO_RESPONDERS_WAIT = 0.25
 
 
+class NoStreamError(StoreError):
+    """A write found no stream for as long as we wait: JetStream is down, not one key."""
+
+
 async def _written(write: Callable[[], Awaitable[object]]) -> bool:
     """Run a conditional KV write: False when its revision check failed."""
     for attempt in range(_NO_RESPONDERS_RETRIES + 1):
@@ -227,7 +231,7 @@ async def _written(write: Callable[[], Awaitable[object]]) -> bool:
             return False
         except nats.js.errors.NoStreamResponseError:  # nats-py's name for no responders
             if attempt == _NO_RESPONDERS_RETRIES:
-                raise StoreError(
+                raise NoStreamError(
                     "no stream answered the write (JetStream is down or electing a leader)"
                 ) from None
             await asyncio.sleep(_NO_RESPONDERS_WAIT)

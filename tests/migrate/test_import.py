@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATSClient
 
 from callout import migrate
 from callout.records import parse_record
+from callout.store import kv as kvstore
 from tests.conftest import ServerFactory
 from tests.harness import Keys, NatsServer, nats_connect, new_user
 from tests.service import record, run_cli, seed_files, users_bucket
@@ -353,6 +354,7 @@ class FlakyBucket:
     def __init__(self, inner: migrate.KVBucket, broken: set[str]) -> None:
         self.inner = inner
         self.broken = broken
+        self.creates = 0
 
     async def get_entry(self, key: str) -> tuple[bytes, int] | None:
         return await self.inner.get_entry(key)
@@ -364,6 +366,7 @@ class FlakyBucket:
         return await self.inner.scan(keep)
 
     async def create(self, key: str, value: bytes) -> bool:
+        self.creates += 1
         if key in self.broken:
             raise nats.errors.TimeoutError
         return await self.inner.create(key, value)
@@ -393,6 +396,36 @@ async def test_a_failed_write_fails_only_its_row_and_a_rerun_finishes(env: Env) 
     again = migrate.Report.of(rerun, dry_run=False, planned=True)
     assert (again.counts["added"], again.counts["unchanged"], again.ok) == (2, 198, True)
     assert set(await env.docs()) == set(pubs)
+
+
+async def test_once_jetstream_is_gone_the_rest_fail_without_waiting_each(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each write waits out "no responders" for 10 s; tried one after another, 200 rows would
+    # take 200 / 4 x 10 s to fail. Only the writes already in flight wait.
+    monkeypatch.setattr(kvstore, "_NO_RESPONDERS_WAIT", 0)
+    pubs = [new_user()[1] for _ in range(200)]
+    rows = [orjson.dumps({"key": k, "name": f"n{i}"}) for i, k in enumerate(pubs)]
+    real = await migrate.open_bucket(env.nc, "users", create=True, replicas=None)
+    assert real is not None
+    counting = FlakyBucket(real, set())
+    collected = migrate.collect(migrate.read_jsonl(iter(rows)))
+    await migrate.plan(counting, collected.items, overwrite=False)
+    await env.nc.jetstream().delete_stream("KV_users")  # JetStream loses the bucket
+    await migrate.apply(counting, collected.items.values(), limit=4)
+    report = migrate.Report.of(collected, dry_run=False, planned=True)
+    assert (report.counts["added"], report.counts["failed"]) == (0, 200)
+    assert counting.creates == 4
+    reasons = [item.reason for item in report.failures]
+    assert (
+        reasons.count("no stream answered the write (JetStream is down or electing a leader)") == 4
+    )
+    assert (
+        reasons.count(
+            "not tried: no stream answered the write (JetStream is down or electing a leader)"
+        )
+        == 196
+    )
 
 
 # ---------------------------------------------------------------------------------------------
