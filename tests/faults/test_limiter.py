@@ -20,7 +20,8 @@ kinds; real users are never throttled. Their latency with and without the loop i
 not asserted (speed is measured in bench/); the only bound is that they were admitted, which
 means answered within the server's timeout. And the trade-off the README states: a real
 client behind the brute force's address (a shared NAT) is throttled along with it (all but the
-attempts that land on the host's refill).
+attempts that land on the host's refill), shown apart with a window long enough that no
+attempt does.
 """
 
 from __future__ import annotations
@@ -70,17 +71,16 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
 ) -> None:
     server = nats_server()
     real = [new_user() for _ in range(REAL_USERS)]
-    natted_seed, natted = new_user()  # a real user the brute force does not claim
     async with rig(server, keys, tmp_path, serve=None) as r:
         kv = await users_bucket(r.admin)
-        for i, (_, pub) in enumerate([*real, (natted_seed, natted)]):
+        for i, (_, pub) in enumerate(real):
             await kv.put(pub, record(f"real{i}", admin=True))
         # The limiter's defaults: 10 failures per key, 100 per host, per 10 s.
         svc = r.svc = spawn(
             serve_cmd(server.url, r.files, "--backend-timeout", str(BACKEND_TIMEOUT))
         )
         await svc.await_event("ready")
-        await svc.await_event("users_cache_live", users=3 + REAL_USERS)
+        await svc.await_event("users_cache_live", users=2 + REAL_USERS)
         seeds = [seed for seed, _ in real]
 
         quiet = await real_clients(r, server.url, seeds, tally)
@@ -112,14 +112,6 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
 
             # Both limits have engaged before the real clients are timed.
             await eventually(lambda: throttled(BAD_HOST) > 0 and throttled("127.0.1.") > 0)
-            # The trade-off: a real user behind the brute force's address is throttled too,
-            # but for the host's refill (one attempt per limit/window), which may let one in.
-            for _ in range(5):
-                await connect_from(server.port, BAD_HOST, natted_seed)
-            await eventually(
-                lambda: sum(d["client"] == natted for d in svc.events("decision")) == 5
-            )
-            shared = {d["reason"] for d in svc.events("decision") if d["client"] == natted}
             loaded = await real_clients(r, server.url, seeds, tally)
             assert bad.returncode is None, "the loop ended before the real clients were done"
             bad.stdin.close()
@@ -133,15 +125,12 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
 
         assert done["admitted"] == 0
         assert all(o.admitted for o in quiet + loaded)
-        assert "throttled" in shared and shared <= {"throttled", "admit"}
         decisions = svc.events("decision")
         real_keys = {pub for _, pub in real}
         from_real_host = [d for d in decisions if d.get("host") == "127.0.0.1"]
         assert {d["reason"] for d in from_real_host if d["client"] in real_keys} == {"admit"}
         bad_decisions = [
-            d
-            for d in decisions
-            if d.get("host", "").startswith(("127.0.1.", BAD_HOST)) and d["client"] != natted
+            d for d in decisions if d.get("host", "").startswith(("127.0.1.", BAD_HOST))
         ]
         reasons = Counter(d["reason"] for d in bad_decisions)
         assert set(reasons) <= {"unknown_user", "bad_signature", "throttled"}
@@ -158,3 +147,32 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
             }
         )
         tally.check()
+
+
+async def test_a_real_user_behind_the_brute_forces_address_is_throttled_with_it(
+    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+) -> None:
+    """The trade-off README states for a shared NAT: a host that keeps failing is throttled,
+    real users behind it included, while the key the brute force claims is not locked out.
+    Whether one attempt lands on the host's refill is left out of it (in the loop above that
+    would depend on the machine's speed): with a window of an hour no token comes back during
+    the test."""
+    server = nats_server()
+    flags = ("--fail-limit-host", "20", "--fail-window", "3600")
+    async with rig(server, keys, tmp_path, serve=flags) as r:
+        assert r.svc is not None
+        svc = r.svc
+        known_seed, known = r.users.known
+        attacker_seed, _ = new_user()
+        for _ in range(20):  # the host's 20 failures, each decided before the next
+            admitted, _ = await connect_from(server.port, BAD_HOST, attacker_seed, claim=known)
+            assert not admitted
+        behind_the_nat, _ = await connect_from(server.port, BAD_HOST, known_seed)
+        from_elsewhere, _ = await connect_from(server.port, "127.0.0.1", known_seed)
+        assert (behind_the_nat, from_elsewhere) == (False, True)
+        await eventually(lambda: len(svc.events("decision")) == 22)
+        seen = [(d["host"], d["reason"]) for d in svc.events("decision")]
+        assert seen == [(BAD_HOST, "bad_signature")] * 20 + [
+            (BAD_HOST, "throttled"),
+            ("127.0.0.1", "admit"),
+        ]
