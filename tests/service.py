@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nats
+import nats.js.errors
 import orjson
 from nats.aio.client import Client
 
@@ -248,6 +249,26 @@ async def users_bucket(nc: Client, bucket: str = "users") -> Any:
         return await js.create_key_value(bucket=bucket, history=5)
 
 
+async def live_keys(nc: Client, bucket: str = "users") -> list[str]:
+    """The bucket's keys that have a live value, sorted, read with plain nats-py: the stream's
+    subjects from one STREAM.INFO, then a get per key (deleted keys raise). Not nats-py's
+    KeyValue.keys(): it trusts a fresh consumer's first num_pending, which can read 0, and
+    then lists nothing."""
+    js = nc.jetstream()
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    kv = await js.key_value(bucket)
+    keys = []
+    for subject in sorted(info.state.subjects or {}):
+        key = subject.removeprefix(prefix)
+        try:
+            await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError included
+            continue
+        keys.append(key)
+    return keys
+
+
 __all__ = [
     "APP",
     "InProcess",
@@ -255,6 +276,7 @@ __all__ = [
     "Permissions",
     "Subprocess",
     "callout_cmd",
+    "live_keys",
     "policy_for",
     "record",
     "run_cli",

@@ -42,6 +42,7 @@ from tests.harness import (
 )
 from tests.service import (
     APP,
+    live_keys,
     record,
     run_cli,
     seed_files,
@@ -160,7 +161,7 @@ async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         kv = await users_bucket(nc)
-        assert await kv.keys() == [pub]
+        assert await live_keys(nc) == [pub]
         stored = orjson.loads((await kv.get(pub)).value)
         assert {k: v for k, v in want.items() if k != "key"} == {
             k: stored[k] for k in ("name", "admin", "revoked", "account", "permissions")

@@ -28,7 +28,7 @@ from callout.records import parse_record
 from callout.store import kv as kvstore
 from tests.conftest import ServerFactory
 from tests.harness import Keys, NatsServer, nats_connect, new_user
-from tests.service import record, run_cli, seed_files, users_bucket
+from tests.service import live_keys, record, run_cli, seed_files, users_bucket
 
 CLI_TIMEOUT = 60.0
 COMPLETE = {"name", "admin", "revoked", "account", "permissions"}
@@ -63,10 +63,7 @@ class Env:
     async def docs(self, bucket: str = "users") -> dict[str, dict[str, Any]]:
         """Every live record, read with plain nats-py (independent of callout's code)."""
         kv = await self.nc.jetstream().key_value(bucket)
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
+        keys = await live_keys(self.nc, bucket)
         return {key: orjson.loads((await kv.get(key)).value or b"") for key in keys}
 
 
