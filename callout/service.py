@@ -251,6 +251,10 @@ class CalloutService:
             fields["account"] = decision.account
         if request is not None:
             fields["server"] = request.server_id
+            if request.client_id:
+                # With `server`, names the connection: the server's auth error event and
+                # connz say `cid` too.
+                fields["cid"] = request.client_id
             if request.client_host:
                 fields["host"] = request.client_host
         log.info("decision", **fields)

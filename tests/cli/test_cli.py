@@ -534,12 +534,18 @@ async def test_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
     try:
         await handle.await_event("ready")
         seed, client = new_user()
-        assert not (await raw_connect(server.url, seed)).admitted  # one decision line
+        result = await raw_connect(server.url, seed)
+        assert not result.admitted  # one decision line
         # No bucket yet: the service is up and denies everyone but internal keys (issue 2, 6).
         decision = await handle.await_event("decision", reason="store_unavailable")
-        # One line per decision: the client's public key, the decision, the reason, latency.
+        # One line per decision: the client's public key, the decision, the reason, latency,
+        # and the connection (server id and client id, as in the server's INFO).
         assert decision["client"] == client and decision["decision"] == "deny"
         assert isinstance(decision["latency_ms"], int | float)
+        assert (decision["server"], decision["cid"]) == (
+            result.info["server_id"],
+            result.info["client_id"],
+        )
         handle.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(wait_logged, handle, "stopped")
         assert await asyncio.to_thread(handle.proc.wait, 10) == 0

@@ -69,6 +69,10 @@ def _healthy(monitor_url: str) -> bool:
         return False
 
 
+class NoLeader(AssertionError):
+    """STREAM.INFO answered, naming no leader."""
+
+
 @dataclass
 class Cluster:
     keys: Keys
@@ -216,7 +220,10 @@ class Cluster:
     async def stream_leader(self, nc: Client, stream: str = USERS_STREAM) -> int:
         """Index of the node leading `stream` ($JS.API.STREAM.INFO -> cluster.leader)."""
         info = await self.stream_info(nc, stream)
-        return self.index(info["cluster"]["leader"])
+        leader = info.get("cluster", {}).get("leader")
+        if leader is None:  # answered between two leaders (an election under way)
+            raise NoLeader(f"{stream} has no leader")
+        return self.index(leader)
 
 
 @contextlib.asynccontextmanager

@@ -69,6 +69,9 @@ class Outcome:
     elapsed: float
     up: bool = True  # the service was up, so it had to answer
     bounded: bool = True  # the deny-latency bound applies (not to a flood's backlog)
+    # (server id, client id) from the server's INFO: the service logs the same pair (`server`,
+    # `cid`) for every request it handles, so its log tells whether a request reached it.
+    conn: tuple[str, int] | None = None
 
     @property
     def ours(self) -> bool:
@@ -203,15 +206,16 @@ async def attempt(witness: Witness, url: str, seed: str, role: str) -> Outcome |
         return Outcome(role, False, "no_answer", time.monotonic() - start)
     except (OSError, ConnectionError):
         return None
+    conn = (str(result.info.get("server_id", "")), int(result.info.get("client_id", 0)))
     if result.admitted:
-        return Outcome(role, True, "admit", result.elapsed)
+        return Outcome(role, True, "admit", result.elapsed, conn=conn)
     if result.error == "connection closed":
         return None  # closed without -ERR: the server went down mid-connect
     try:
         reason = await witness.reason(result.info)
     except TimeoutError:
         reason = "no_event"  # the witness was cut off too (a server restart): not provably ours
-    return Outcome(role, False, reason, result.elapsed)
+    return Outcome(role, False, reason, result.elapsed, conn=conn)
 
 
 async def tried(tally: Tally, witness: Witness, url: str, seed: str, role: str) -> Outcome:
