@@ -11,11 +11,39 @@ import argparse
 import cProfile
 import pstats
 import time
+from dataclasses import dataclass
 
 from callout.decision import Authorizer, Found, Request
-from tests.harness import make_keys
+from tests.harness import Keys, make_keys
 from tests.service import policy_for, record
-from tests.unit.forge import ClientKey, ServerIdentity, forge_request
+from tests.unit.forge import ClientKey, Forged, ServerIdentity, forge_request
+
+
+@dataclass
+class Workload:
+    """`requests` forged requests from 50 clients, the authorizer that opens them, and the
+    store's answer for each (one record): what `bench.record_overhead` measures against too."""
+
+    keys: Keys
+    authorizer: Authorizer
+    forged: list[Forged]
+    answer: Found
+    now: float
+
+
+def workload(requests: int, xkey: bool) -> Workload:
+    keys = make_keys()
+    server = ServerIdentity.generate()
+    clients = [ClientKey.generate() for _ in range(50)]
+    now = time.time()
+    seal = keys.xkey_pub if xkey else None
+    forged = [
+        forge_request(server, keys.issuer_pub, now=now, client=clients[i % 50], seal_to=seal)
+        for i in range(requests)
+    ]
+    authorizer = Authorizer(policy_for(keys, xkey=xkey))
+    answer = Found(record("bench", pub_allow=["a.>"], sub_allow=["_INBOX.>"]))
+    return Workload(keys, authorizer, forged, answer, now)
 
 
 def main() -> None:
@@ -24,17 +52,8 @@ def main() -> None:
     parser.add_argument("--xkey", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    keys = make_keys()
-    server = ServerIdentity.generate()
-    clients = [ClientKey.generate() for _ in range(50)]
-    now = time.time()
-    seal = keys.xkey_pub if args.xkey else None
-    forged = [
-        forge_request(server, keys.issuer_pub, now=now, client=clients[i % 50], seal_to=seal)
-        for i in range(args.requests)
-    ]
-    authorizer = Authorizer(policy_for(keys, xkey=args.xkey))
-    answer = Found(record("bench", pub_allow=["a.>"], sub_allow=["_INBOX.>"]))
+    w = workload(args.requests, args.xkey)
+    authorizer, forged, answer, now = w.authorizer, w.forged, w.answer, w.now
 
     def run() -> None:
         for f in forged:

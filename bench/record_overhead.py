@@ -24,26 +24,15 @@ from pathlib import Path
 
 import orjson
 
-from callout.decision import Authorizer, Found, Request
+from bench.core_cpu import workload
+from callout.decision import Request
 from callout.keys import CurveKey
 from callout.recording import Recorder, record_document
-from tests.harness import make_keys
-from tests.service import policy_for, record
-from tests.unit.forge import ClientKey, ServerIdentity, forge_request
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> None:
-    keys = make_keys()
-    server = ServerIdentity.generate()
-    clients = [ClientKey.generate() for _ in range(50)]
-    now = time.time()
-    seal = keys.xkey_pub if args.xkey else None
-    forged = [
-        forge_request(server, keys.issuer_pub, now=now, client=clients[i % 50], seal_to=seal)
-        for i in range(args.requests)
-    ]
-    authorizer = Authorizer(policy_for(keys, xkey=args.xkey))
-    answer = Found(record("bench", pub_allow=["a.>"], sub_allow=["_INBOX.>"]))
+    w = workload(args.requests, args.xkey)
+    keys, authorizer, forged, answer, now = w.keys, w.authorizer, w.forged, w.answer, w.now
     decisions = []
     start = time.thread_time()
     for f in forged:
