@@ -187,8 +187,8 @@ class FaultProxy:
         self.stats.connections += 1
         self._links.append(link)
         link.tasks = [
-            asyncio.create_task(self._pump_from_service(link)),
-            asyncio.create_task(self._pump_from_server(link)),
+            asyncio.create_task(self._pump(link, from_server=False)),
+            asyncio.create_task(self._pump(link, from_server=True)),
         ]
         await asyncio.gather(*link.tasks, return_exceptions=True)
         link.close()
@@ -230,27 +230,15 @@ class FaultProxy:
             with contextlib.suppress(RuntimeError, OSError):
                 writer.write(data)
 
-    async def _pump_from_service(self, link: _Link) -> None:
-        reader, _ = link.service
-        _, writer = link.server
+    async def _pump(self, link: _Link, *, from_server: bool) -> None:
+        reader, _ = link.server if from_server else link.service
+        _, writer = link.service if from_server else link.server
         frames = _Frames()
         while data := await reader.read(65536):
             for subject, frame in frames.feed(data):
-                self._send(link, writer, subject, frame, from_server=False)
+                self._send(link, writer, subject, frame, from_server=from_server)
             await writer.drain()
-        # The service closed (or half-closed) its side: pass the FIN on.
-        with contextlib.suppress(OSError):
-            if writer.can_write_eof() and not writer.is_closing():
-                writer.write_eof()
-
-    async def _pump_from_server(self, link: _Link) -> None:
-        reader, _ = link.server
-        _, writer = link.service
-        frames = _Frames()
-        while data := await reader.read(65536):
-            for subject, frame in frames.feed(data):
-                self._send(link, writer, subject, frame, from_server=True)
-            await writer.drain()
+        # This side closed (or half-closed) its end: pass the FIN on.
         with contextlib.suppress(OSError):
             if writer.can_write_eof() and not writer.is_closing():
                 writer.write_eof()
