@@ -51,7 +51,9 @@ async def measure(args: argparse.Namespace, directory: Path) -> None:
     for run in range(3):
         # The whole run is queued before the loop gets a turn: room for all of it.
         target = directory / f"async{run}"
-        recorder = Recorder(target, max_bytes=64 << 20, xkeys=xkeys, max_pending=1 << 30)
+        recorder = Recorder(
+            target, policy=authorizer.policy, max_bytes=64 << 20, max_pending=1 << 30
+        )
         start = time.thread_time()
         for f, decision in zip(forged, decisions, strict=True):
             recorder.record(f.payload, f.headers, now, decision)

@@ -304,8 +304,16 @@ class Authorizer:
 
     # -- gate 1 and 2 -------------------------------------------------------------------------
     def open(
-        self, payload: bytes, headers: Mapping[str, str] | None, now: float
+        self,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        now: float,
+        *,
+        valid_at: float | None = None,
     ) -> Request | Decision:
+        """`now` is the policy's clock (the failure limits, `Request.opened_at`); `valid_at`
+        the clock the request itself is judged by (exp, nbf, the replay memory), `now` unless
+        given. They differ only in a replay that decides recorded requests at another time."""
         policy = self.policy
         if len(payload) > MAX_REQUEST_BYTES:
             return Decision(OVERSIZE, f"{len(payload)} bytes")
@@ -331,7 +339,9 @@ class Authorizer:
         except jwt.TokenError as exc:
             return Decision(FORGED if exc.signature else MALFORMED, exc.detail)
         try:
-            return self._check_claims(claims, header_xkey, xkeys, now)
+            return self._check_claims(
+                claims, header_xkey, xkeys, now, now if valid_at is None else valid_at
+            )
         except _Malformed as exc:
             return Decision(MALFORMED, str(exc))
 
@@ -341,6 +351,7 @@ class Authorizer:
         header_xkey: str | None,
         xkeys: tuple[nacl.public.PublicKey, CurveKey] | None,
         now: float,
+        valid_at: float,
     ) -> Request | Decision:
         nats = claims.get("nats")
         if not isinstance(nats, dict):
@@ -384,12 +395,14 @@ class Authorizer:
             return deny(NOT_FOR_US, "aud is not nats-authorization-request")
         if header_xkey is not None and server.get("xkey") != header_xkey:
             return deny(WRONG_SERVER, "server_id.xkey does not match the Nats-Server-Xkey header")
-        if now > exp + EXP_LEEWAY:
-            return Decision(EXPIRED, f"expired {now - exp:.1f}s ago", client_key=shown, drop=True)
+        if valid_at > exp + EXP_LEEWAY:
+            return Decision(
+                EXPIRED, f"expired {valid_at - exp:.1f}s ago", client_key=shown, drop=True
+            )
         nbf = claims.get("nbf")
         if nbf is not None and type(nbf) is not int:
             raise _Malformed("nbf is not an integer")
-        if nbf is not None and now + EXP_LEEWAY < nbf:
+        if nbf is not None and valid_at + EXP_LEEWAY < nbf:
             return deny(NOT_YET_VALID, "nbf is in the future")
         try:
             decode_public(user_nkey, KeyKind.USER)
@@ -414,9 +427,9 @@ class Authorizer:
                 XKEY_REQUIRED, "request is plaintext: the server has no auth_callout xkey"
             )
         until = exp + EXP_LEEWAY
-        if not self.seen.first_sight(server_id, user_nkey, until, now):
+        if not self.seen.first_sight(server_id, user_nkey, until, valid_at):
             return refuse(REPLAY, "this server's user_nkey was answered before")
-        if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, now):
+        if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, valid_at):
             return refuse(REPLAY, "this server's client nonce was answered before")
         internal = bool(claimed) and _is_internal(claimed, self.policy.internal_keys)
         # A key or host that keeps failing is denied before any work (and never reaches the

@@ -1,26 +1,37 @@
 """`callout serve --record-dir`: every request the service handled, as JSON lines on disk, for
 `callout replay` (`callout.replay`) to feed through a new version or a changed policy.
 
-One line per request:
+Each file opens with the policy the service decided under, its non-secret part
+(`callout.recorded_policy`; written again at the top of every file, since a file may be read
+alone):
 
-    {"v": 1, "received_at": 1795783152.92, "client": "U...", "encrypted": true,
-     "headers": {"Nats-Server-Xkey": "X..."}, "raw": "kept", "payload_b64": "...",
-     "request": {...decoded claims, secrets redacted...},
+    {"v": 2, "policy": {"account": "APP", "allowed_accounts": ["APP"], "mode": "enforce",
+                        "xkeys": ["X..."], "internal_keys": [...], ...}}
+
+then one line per request:
+
+    {"v": 2, "received_at": 1795783152.92, "client": "U...", "encrypted": true,
+     "headers": {"Nats-Server-Xkey": "X..."}, "raw": "kept", "token_b64": "...",
+     "opened_with": "X...", "request": {...decoded claims, secrets redacted...},
      "decision": {"outcome": "admit", "reason": "admit", "admit": true, "account": "APP",
                   "detail": "", "name": "alice", "permissions": {...}}}
 
-`payload_b64` and `headers` are the bytes exactly as received: the replay feeds them to the
-core again. A request that carries a password, a token or a JWT (`connect_opts.pass`,
-`auth_token`, `jwt`) holds that secret in its payload, encrypted or not, so its payload is not
-written at all (`"raw": "redacted"`, `"redaction": "credential"`), nor is one whose
-`connect_opts.nkey` is not a public key (it could be a seed); neither is one we cannot decode
-(an xkey we do not hold, garbage, oversize), since nothing shows it holds no secret
-(`"redaction": "undecodable"`). The decoded `request` has those fields replaced by
+`headers` are exactly as received, and `token_b64` is the request as the server signed it:
+the payload itself, or for an encrypted request the box opened, with `opened_with` the
+public xkey that opened it. So the replay needs no xkey seed: it seals the token again to a
+stand-in of that key (`callout.replay`); and the token reveals nothing the decoded `request`
+does not. (Format 1 kept the payload as received, `payload_b64`: a sealed one could only be
+replayed with the seed.) A request that carries a password, a token or a JWT
+(`connect_opts.pass`, `auth_token`, `jwt`) holds that secret in its payload, encrypted or not,
+so its payload is not written at all (`"raw": "redacted"`, `"redaction": "credential"`), nor is
+one whose `connect_opts.nkey` is not a public key (it could be a seed); neither is one we
+cannot decode (an xkey we do not hold, garbage, oversize), since nothing shows it holds no
+secret (`"redaction": "undecodable"`). The decoded `request` has those fields replaced by
 "[REDACTED]".
 
 Files are created 0600 in a 0700 directory and named `requests-<UTC time>-p<pid>-<seq>.jsonl`,
 so names sort by time; a file is closed and the next one started before it would pass
-`max_bytes` (a single larger line gets a file of its own; lines are never split).
+`max_bytes` (a file holds at least one request line, however long; lines are never split).
 
 Writing never blocks or fails a decision. `record` is called after the response is sent and
 only encodes the line (tens of microseconds, on the event loop: bench/record_overhead.py) and
@@ -49,11 +60,11 @@ from typing import Any, Final
 
 import orjson
 
-from callout import log, xkey
-from callout.decision import MAX_REQUEST_BYTES, Decision
+from callout import log, recorded_policy, xkey
+from callout.decision import MAX_REQUEST_BYTES, Decision, Policy
 from callout.keys import CurveKey, KeyKind, is_public
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_PENDING: Final = 16 * 1024 * 1024
 WARN_EVERY: Final = 10.0
@@ -88,22 +99,34 @@ def decision_document(decision: Decision) -> dict[str, Any]:
     return doc
 
 
+def open_request(
+    payload: bytes, headers: Mapping[str, str] | None, xkeys: tuple[CurveKey, ...]
+) -> tuple[bytes, CurveKey | None] | None:
+    """The request token (the payload itself, or opened with our xkeys when sealed) and the
+    xkey that opened it; None when it is too large or does not open."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        return None
+    if not xkey.is_sealed(payload):
+        return payload, None
+    header = (headers or {}).get(xkey.HEADER)
+    if header is None or not xkeys:
+        return None
+    try:
+        return xkey.open_box(payload, xkey.server_key(header), xkeys)
+    except xkey.XkeyError:
+        return None
+
+
 def decode_request(
     payload: bytes, headers: Mapping[str, str] | None, xkeys: tuple[CurveKey, ...]
 ) -> dict[str, Any] | None:
     """The request's claims, for reading only: opened with our xkeys when sealed, NOT verified
     (the decision already says whether it was authentic). None when it does not decode."""
-    if len(payload) > MAX_REQUEST_BYTES:
-        return None
-    token = payload
-    if xkey.is_sealed(payload):
-        header = (headers or {}).get(xkey.HEADER)
-        if header is None or not xkeys:
-            return None
-        try:
-            token, _ = xkey.open_box(payload, xkey.server_key(header), xkeys)
-        except xkey.XkeyError:
-            return None
+    opened = open_request(payload, headers, xkeys)
+    return None if opened is None else _claims(opened[0])
+
+
+def _claims(token: bytes) -> dict[str, Any] | None:
     parts = token.split(b".")
     if len(parts) != 3:
         return None
@@ -146,7 +169,8 @@ def record_document(
     decision: Decision,
     xkeys: tuple[CurveKey, ...],
 ) -> dict[str, Any]:
-    claims = decode_request(payload, headers, xkeys)
+    opened = open_request(payload, headers, xkeys)
+    claims = None if opened is None else _claims(opened[0])
     redacted = None if claims is None else redact(claims)
     doc: dict[str, Any] = {
         "v": FORMAT_VERSION,
@@ -162,10 +186,22 @@ def record_document(
         if secret:
             doc.update(raw="redacted", redaction="credential")
         else:
-            doc.update(raw="kept", payload_b64=base64.b64encode(payload).decode("ascii"))
+            assert opened is not None
+            token, key = opened
+            doc.update(raw="kept", token_b64=base64.b64encode(token).decode("ascii"))
+            if key is not None:
+                doc["opened_with"] = key.public
         doc["request"] = request
     doc["decision"] = decision_document(decision)
     return doc
+
+
+def header_line(policy: Policy) -> bytes:
+    """The first line of every file: the policy's non-secret part."""
+    return orjson.dumps(
+        {"v": FORMAT_VERSION, "policy": recorded_policy.document(policy)},
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
 
 
 def file_name(at: float, pid: int, seq: int) -> str:
@@ -199,8 +235,10 @@ class _Files:
 
     directory: Path
     max_bytes: int
+    header: bytes = b""  # written first in every file
     fd: int = -1
     size: int = 0
+    requests: int = 0  # request lines in the open file
     seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     files: int = 0
 
@@ -215,8 +253,10 @@ class _Files:
                 )  # fmt: skip
             except FileExistsError:
                 continue
-            self.size = 0
+            self.size = self.requests = 0
             self.files += 1
+            if self.header:
+                self._write_all(self.header)
             return
 
     def close(self) -> None:
@@ -234,11 +274,13 @@ class _Files:
         try:
             for line in lines:
                 used = self.size + chunk_size
-                # A file holds at least one line, so a line longer than max_bytes still fits.
-                if self.fd < 0 or (used and used + len(line) > self.max_bytes):
+                # A file holds at least one request, so a line longer than max_bytes still fits.
+                held = self.requests + len(chunk)
+                if self.fd < 0 or (held and used + len(line) > self.max_bytes):
                     if chunk:
                         self._write_all(b"".join(chunk))
                         written += len(chunk)
+                        self.requests += len(chunk)
                         chunk, chunk_size = [], 0
                     self.close()
                     self._open()
@@ -247,6 +289,7 @@ class _Files:
             if chunk:
                 self._write_all(b"".join(chunk))
                 written += len(chunk)
+                self.requests += len(chunk)
         except OSError as exc:
             # A partial line may now end this file (the replay skips it); start a new file.
             self.close()
@@ -276,21 +319,25 @@ class RecorderStats:
 
 
 class Recorder:
-    """Called by `CalloutService` once per handled request, on the event loop."""
+    """Called by `CalloutService` once per handled request, on the event loop. `policy` is the
+    one the service decides with: its non-secret part heads every file, and its xkeys open
+    the requests (`xkeys` is for a recorder without a policy, whose files then carry none)."""
 
     def __init__(
         self,
         directory: Path,
         *,
+        policy: Policy | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         xkeys: tuple[CurveKey, ...] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.directory = prepare_dir(directory)
         self.max_pending = max_pending
-        self.xkeys = xkeys
+        self.xkeys = policy.xkeys if policy is not None else xkeys
         self.stats = RecorderStats()
-        self._files = _Files(self.directory, max_bytes)
+        header = header_line(policy) if policy is not None else b""
+        self._files = _Files(self.directory, max_bytes, header)
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._wake: asyncio.Event | None = None
@@ -404,6 +451,8 @@ __all__ = [
     "RecordDirError",
     "Recorder",
     "decode_request",
+    "header_line",
+    "open_request",
     "record_document",
     "redact",
 ]

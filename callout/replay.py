@@ -3,21 +3,29 @@
 Two sources are read, with the same code:
 
 - recordings written by `callout serve --record-dir` (`callout.recording`): `*.jsonl`, one
-  request per line, all replayed through ONE shared `Authorizer`, in the order they arrived,
-  so what depends on earlier requests (a replayed request, a throttled key or host) is decided
-  as it was;
+  request per line, after a first line holding the policy the service decided under
+  (`callout.recorded_policy`). Requests recorded under one policy go through ONE shared
+  `Authorizer`, in the order they arrived, so what depends on earlier requests (a replayed
+  request, a throttled key or host) is decided as it was;
 - recorded test cases (`tests/replay/cases/*.json`, from `tests/replay/record.py`): one request
   each, with its own users map and expectation, each through a fresh `Authorizer`.
 
-For each request the core gets the payload and headers as received and a clock: the recorded
-arrival time (`at="recorded"`, what the service passed to `Authorizer.open`), or the current
-time (`at="now"`: a request is valid for seconds, so an authentic recorded request then comes
-out `request_expired`; that is the check that captured traffic cannot be re-used). Store
-lookups are answered from a users map (a `--users` file, the bucket, or the case's own); a
-store failure that was recorded (`store_unavailable`, `store_timeout`) is answered the same way
-again, since it was the environment, not the policy. A request shed under overload never
-reached the core and one recorded without its payload cannot be fed again: both are skipped,
-never counted as changes.
+The policy: a recording's own, with `overrides` (Policy field -> value) applied over it; for
+requests that carry none (test cases, recordings of format 1) the policy given. Replaying a
+recording needs no secret: the recorded policy holds public keys only, read back as stand-ins,
+and an encrypted request is fed as the server signed it, sealed again to the stand-in of the
+xkey that opened it (`recorded_policy`), unless real xkeys are given as an override: then
+the payload as received is fed.
+
+Two clocks. A request is judged valid (exp, nbf, the replay memory) at its recorded arrival,
+always: it was sent then. The policy's clock (the failure limits, and whatever else of the
+policy depends on time) is the recorded arrival too (`at="recorded"`), or runs from the
+present (`at="now"`), keeping the recording's spacing: the first request is decided now, each
+next one as many seconds later as it arrived. Store lookups are answered from a users map (a
+`--users` file, the bucket, or the case's own); a store failure that was recorded
+(`store_unavailable`, `store_timeout`) is answered the same way again, since it was the
+environment, not the policy. A request shed under overload never reached the core and one
+recorded without its payload cannot be fed again: both are skipped, never counted as changes.
 
 A decision is the same when its outcome (admit / deny / drop), reason and account are, and,
 when the recording has them, the permissions of an admit. The `detail` text is not compared.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -37,7 +46,7 @@ from typing import Any, Literal
 
 import orjson
 
-from callout import recording
+from callout import recorded_policy, recording, xkey
 from callout.decision import (
     OVERLOADED,
     STORE_TIMEOUT,
@@ -51,6 +60,8 @@ from callout.decision import (
     TimedOut,
     Unavailable,
 )
+from callout.keys import CurveKey
+from callout.recorded_policy import RecordedPolicy
 
 At = Literal["recorded", "now"]
 # key -> the record's bytes, or None for "no record" (a case file can say so explicitly).
@@ -112,6 +123,10 @@ class Entry:
     detail: str = ""  # the recorded decision's detail (a store failure is replayed with it)
     users: Users | None = None  # a case's own store
     skip: str | None = None  # why it cannot be fed to the core
+    policy: RecordedPolicy | None = None  # the recording's own; None: given by flags
+    # Set when `payload` is an encrypted request as the server signed it (the box opened):
+    # the public xkey that opened it.
+    opened_with: str | None = None
 
 
 def _headers(value: object) -> dict[str, str] | None:
@@ -140,13 +155,20 @@ def _verdict(doc: object) -> Verdict:
     return Verdict(outcome, reason, account, permissions)
 
 
-def _recording_line(line: bytes, source: str, previous: float) -> Entry:
+READ_VERSIONS = (1, recording.FORMAT_VERSION)
+
+
+def _unreadable(source: str, previous: float, why: str) -> Entry:
+    return Entry(source, "recording", previous, "", None, None, None,
+                 skip=f"unreadable line ({why})")  # fmt: skip
+
+
+def _recording_line(doc: Any, source: str, previous: float, policy: RecordedPolicy | None) -> Entry:
     try:
-        doc = orjson.loads(line)
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         version = doc.get("v")
-        if version != recording.FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             return Entry(source, "recording", previous, "", None, None, None,
                          skip=f"format version {version!r} unknown")  # fmt: skip
         received = doc["received_at"]
@@ -159,29 +181,57 @@ def _recording_line(line: bytes, source: str, previous: float) -> Entry:
         detail = doc["decision"].get("detail") or ""
         headers = _headers(doc.get("headers"))
         payload: bytes | None = None
+        opened_with = doc.get("opened_with")
+        if not (opened_with is None or isinstance(opened_with, str)):
+            raise ValueError("opened_with is not a string")
         skip: str | None = None
         if doc.get("raw") == "kept":
-            payload = base64.b64decode(doc["payload_b64"], validate=True)
+            # Format 1: the payload as received; 2: the request token (the box opened).
+            field_name = "payload_b64" if version == 1 else "token_b64"
+            payload = base64.b64decode(doc[field_name], validate=True)
         else:
             skip = f"payload not recorded ({doc.get('redaction') or 'redacted'})"
         if verdict.reason == OVERLOADED:
             skip = "shed under overload (never reached the decision core)"
-    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError, binascii.Error) as exc:
-        return Entry(source, "recording", previous, "", None, None, None,
-                     skip=f"unreadable line ({type(exc).__name__})")  # fmt: skip
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        return _unreadable(source, previous, type(exc).__name__)
     return Entry(
         source, "recording", float(received), client, payload, headers, verdict,
-        str(detail), skip=skip,
+        str(detail), skip=skip, policy=policy if version != 1 else None,
+        opened_with=opened_with if version != 1 else None,
     )  # fmt: skip
 
 
-def read_recording(path: Path) -> Iterator[Entry]:
+def read_recording(
+    path: Path, policies: dict[bytes, RecordedPolicy] | None = None
+) -> Iterator[Entry]:
+    """The requests of one recording file. `policies` collects the recorded policies read so
+    far, so that files recorded under the same one share it (and so one decision core)."""
+    policies = {} if policies is None else policies
+    policy: RecordedPolicy | None = None
     previous = 0.0
     with path.open("rb") as stream:
         for number, line in enumerate(stream, 1):
             if not line.strip():
                 continue
-            entry = _recording_line(line, f"{path}:{number}", previous)
+            source = f"{path}:{number}"
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                doc = None
+            if isinstance(doc, dict) and "policy" in doc:
+                if number != 1 or doc.get("v") != recording.FORMAT_VERSION or len(doc) != 2:
+                    raise ReplayError(f"{source}: a policy line must be a file's first, alone")
+                try:
+                    read = recorded_policy.load(doc["policy"])
+                except recorded_policy.PolicyDocumentError as exc:
+                    raise ReplayError(f"{source}: {exc}") from None
+                policy = policies.setdefault(read.key, read)
+                continue
+            if doc is None:
+                entry = _unreadable(source, previous, "JSONDecodeError")
+            else:
+                entry = _recording_line(doc, source, previous, policy)
             previous = entry.received_at
             yield entry
 
@@ -222,6 +272,7 @@ def read(paths: Sequence[Path]) -> list[Entry]:
     """Every request under `paths` (directories or files), in arrival order. Recordings are
     `*.jsonl` files, cases `*.json` files; other files in a directory are ignored."""
     entries: list[Entry] = []
+    policies: dict[bytes, RecordedPolicy] = {}
     for path in paths:
         if path.is_dir():
             files = sorted(path.glob(f"*{recording.FILE_SUFFIX}")) + sorted(path.glob("*.json"))
@@ -234,7 +285,7 @@ def read(paths: Sequence[Path]) -> list[Entry]:
                 if file.suffix == ".json":
                     entries.append(read_case(file))
                 else:
-                    entries.extend(read_recording(file))
+                    entries.extend(read_recording(file, policies))
             except OSError as exc:
                 raise ReplayError(f"{file}: {exc.strerror or exc}") from None
     # Lines are written as requests finish, not as they arrive; files may come from replicas.
@@ -277,10 +328,12 @@ def decide(
     headers: Mapping[str, str] | None,
     now: float,
     lookup: Lookup,
+    valid_at: float | None = None,
 ) -> Decision:
     """What the service does with a request (`CalloutService._handle`), the store lookup being
-    `lookup`: gates 1 and 2, then gate 3 with the store's answer (none for internal keys)."""
-    opened = authorizer.open(payload, headers, now)
+    `lookup`: gates 1 and 2, then gate 3 with the store's answer (none for internal keys).
+    `now` is the policy's clock, `valid_at` the request's (`Authorizer.open`)."""
+    opened = authorizer.open(payload, headers, now, valid_at=valid_at)
     if isinstance(opened, Decision):
         return opened
     return authorizer.decide(opened, None if opened.internal else lookup(opened.client_key))
@@ -301,20 +354,59 @@ class Outcome:
 
 @dataclass
 class Replayer:
-    """Feeds entries to the core. Recordings share one Authorizer (fed in arrival order);
-    each case gets a fresh one."""
+    """Feeds entries to the core. Recorded requests share one Authorizer per policy (fed in
+    arrival order); each case gets a fresh one."""
 
-    policy: Policy
+    # For entries that carry no policy of their own (cases, format-1 recordings); None: such
+    # an entry is an error.
+    policy: Policy | None = None
     users: Users | None = None  # None: each entry must carry its own (cases)
     at: At = "recorded"
     # False: `users` holds only the keys read for this replay (a bucket); a lookup of any
     # other key is an error, never "no record". True: a key not in `users` has no record.
     complete: bool = True
     clock: Callable[[], float] = time.time
-    authorizer: Authorizer = field(init=False)
+    # Policy field -> value, applied over every recorded policy (the replay's flags).
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    authorizer: Authorizer | None = field(init=False)  # the one for `policy`
+    _recorded: dict[bytes, Authorizer] = field(init=False, default_factory=dict)
+    _shift: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.authorizer = Authorizer(self.policy)
+        self.authorizer = Authorizer(self.policy) if self.policy is not None else None
+
+    def _authorizer(self, entry: Entry) -> Authorizer:
+        recorded = entry.policy
+        if recorded is None:
+            if self.policy is None or self.authorizer is None:
+                raise ReplayError(f"{entry.source}: recorded without its policy: give the flags")
+            return self.authorizer if entry.kind == "recording" else Authorizer(self.policy)
+        authorizer = self._recorded.get(recorded.key)
+        if authorizer is None:
+            policy = dataclasses.replace(recorded.policy, **self.overrides)
+            authorizer = self._recorded[recorded.key] = Authorizer(policy)
+        return authorizer
+
+    def _payload(self, entry: Entry) -> bytes | None:
+        """A request recorded opened is sealed again, from the server's recorded xkey to the
+        key of this replay's policy that stands for the one that opened it: its stand-in, or
+        the real key when seeds are given; a fresh key, which opens nothing, when the policy
+        has no such key (then the box does not open, as it would not have)."""
+        if entry.opened_with is None or entry.payload is None:
+            return entry.payload
+        try:
+            server = xkey.server_key((entry.headers or {}).get(xkey.HEADER, ""))
+        except xkey.XkeyError:
+            return entry.payload  # the core says what is wrong with it, as it did
+        keys: Mapping[str, CurveKey]
+        if "xkeys" in self.overrides:
+            keys = {key.public: key for key in self.overrides["xkeys"]}
+        elif entry.policy is not None:
+            keys = entry.policy.xkeys
+        else:
+            keys = {key.public: key for key in self.policy.xkeys} if self.policy else {}
+        ours = keys.get(entry.opened_with) or CurveKey.generate()
+        return xkey.seal(entry.payload, ours, server)
 
     def run(self, entry: Entry) -> Outcome:
         if entry.skip is not None or entry.payload is None:
@@ -322,9 +414,17 @@ class Replayer:
         users = self.users if self.users is not None else entry.users
         if users is None:
             raise ReplayError(f"{entry.source}: no users to answer lookups (give --users)")
-        authorizer = self.authorizer if entry.kind == "recording" else Authorizer(self.policy)
-        now = entry.received_at if self.at == "recorded" else self.clock()
-        decision = decide(authorizer, entry.payload, entry.headers, now, self._lookup(entry, users))
+        authorizer = self._authorizer(entry)
+        payload = self._payload(entry)
+        assert payload is not None
+        if self.at == "recorded":
+            now = entry.received_at
+        else:
+            if self._shift is None:
+                self._shift = self.clock() - entry.received_at
+            now = entry.received_at + self._shift
+        lookup = self._lookup(entry, users)
+        decision = decide(authorizer, payload, entry.headers, now, lookup, entry.received_at)
         return Outcome(entry, Verdict.of(decision), decision)
 
     def _lookup(self, entry: Entry, users: Users) -> Lookup:

@@ -171,7 +171,10 @@ def callout_cmd(*args: str) -> list[str]:
 
 
 def spawn(
-    args: Sequence[str], env: dict[str, str] | None = None, stdin: Literal["devnull"] = "devnull"
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    stdin: Literal["devnull"] = "devnull",
+    cwd: Path | None = None,
 ) -> Subprocess:
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(
@@ -180,6 +183,7 @@ def spawn(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=full_env,
+        cwd=cwd,
     )
     handle = Subprocess(proc)
     threading.Thread(target=handle._pump, daemon=True).start()

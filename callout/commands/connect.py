@@ -1,10 +1,15 @@
-"""`callout connect`: connect as a user and show where the callout placed it."""
+"""`callout connect`: connect as a user and show where the callout placed it; with `--stay`,
+stay connected until the server closes the connection (a revocation kicks it) and show what
+became of the client's reconnect."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -15,16 +20,61 @@ from callout.config import add
 from callout.keys import KeyKind, load_signing_key
 
 
+def duration(seconds: float) -> str:
+    """`21h50m47s`, `3m05s`, `42s`: what is left, to the second."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def expiry(nanoseconds: object, now: float) -> object:
+    """USER.INFO's `expires` (the time left on the user JWT, in nanoseconds) as a time and a
+    duration; anything else as it came."""
+    if type(nanoseconds) is not int or nanoseconds <= 0:
+        return nanoseconds
+    left = nanoseconds / 1e9
+    at = datetime.fromtimestamp(now + left, UTC).isoformat(timespec="seconds")
+    return f"{at.removesuffix('+00:00')}Z (in {duration(left)})"
+
+
 async def try_connect(args: argparse.Namespace) -> int:
     seed = load_signing_key(args.nkey_seed_file, KeyKind.USER, "--nkey-seed-file")
+    closed = asyncio.Event()
+    refused: list[str] = []
+    disconnected: list[bool] = []
+    leaving = False
+
+    async def on_error(exc: Exception) -> None:
+        text = str(exc).removeprefix("nats: ").strip("'") or type(exc).__name__
+        # nats-py reports one refusal more than once: say it once.
+        if "authorization violation" in text.lower() and args.stay and not refused:
+            refused.append(text)
+            print(f"reconnect refused: {text}", flush=True)
+
+    async def on_disconnect() -> None:
+        # Only the server's doing is news: not our own close, and not without --stay.
+        if args.stay and not leaving and not disconnected:
+            disconnected.append(True)
+            print("disconnected: the server closed the connection; reconnecting", flush=True)
+
+    async def on_closed() -> None:
+        closed.set()
+
     try:
         nc = await nats.connect(
             servers=split_urls(args.nats_url),
             nkeys_seed_str=seed.seed,
             connect_timeout=5,
-            allow_reconnect=False,
+            # --stay: one reconnect, as a client would try, then give up if it is refused.
+            allow_reconnect=args.stay,
             max_reconnect_attempts=1,
-            error_cb=_ignore,
+            reconnect_time_wait=0.1,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            closed_cb=on_closed,
             tls=tls_context(args.tls_ca, args.tls_cert, args.tls_key),
         )
     except Exception as exc:
@@ -34,18 +84,23 @@ async def try_connect(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        print(f"connected as {seed.public}")
+        print(f"connected as {seed.public}", flush=True)
         with contextlib.suppress(Exception):
             reply = await nc.request("$SYS.REQ.USER.INFO", b"", timeout=2)
-            data = orjson.loads(reply.data).get("data", {})
-            print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+            data: Any = orjson.loads(reply.data).get("data", {})
+            if isinstance(data, dict) and "expires" in data:
+                data["expires"] = expiry(data["expires"], time.time())
+            print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode(), flush=True)
+        if args.stay:
+            print("staying connected (Ctrl-C to leave)", flush=True)
+            await closed.wait()
+            print("connection closed" + (": the callout refused the reconnect" if refused else ""))
+            return 1
     finally:
-        await nc.close()
+        leaving = True
+        with contextlib.suppress(Exception):
+            await nc.close()
     return 0
-
-
-async def _ignore(_exc: Exception) -> None:
-    return None
 
 
 def register(sub: Any) -> None:
@@ -55,4 +110,9 @@ def register(sub: Any) -> None:
     add(p, "--tls-ca", help="CA bundle to verify the server's certificate")
     add(p, "--tls-cert", help="client certificate (mutual TLS)")
     add(p, "--tls-key", help="client certificate's private key (mutual TLS)")
+    p.add_argument(
+        "--stay",
+        action="store_true",
+        help="stay connected until the server closes the connection (exit 1 then)",
+    )
     p.set_defaults(run=try_connect, logs=False)

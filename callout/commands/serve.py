@@ -8,7 +8,7 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from callout import log, operations, recording
 from callout.commands.common import (
@@ -47,21 +47,25 @@ from callout.store.replay import ReplayBucket
 from callout.store.watch import WatchedStore
 
 
-def _signers(args: argparse.Namespace) -> dict[str, AccountSigner]:
-    """--account-signer NAME:ACCOUNT_PUBKEY:SEEDFILE, operator mode only."""
+def signers_from_args(args: argparse.Namespace, *, seeds: bool = True) -> dict[str, AccountSigner]:
+    """--account-signer NAME:ACCOUNT_PUBKEY:SEEDFILE, operator mode only. With `seeds=False`
+    (replay, which signs nothing) the SEEDFILE may be left out: a stand-in key is used."""
     signers: dict[str, AccountSigner] = {}
     for spec in args.account_signer or []:
         name, _, rest = spec.partition(":")
         account, _, path = rest.partition(":")
-        if not (name and account and path):
+        if not (name and account and (path or not seeds)):
             fail(f"--account-signer {spec!r}: expected NAME:ACCOUNT_PUBKEY:SEEDFILE")
         try:
             decode_public(account, KeyKind.ACCOUNT)
         except KeyError_ as exc:
             fail(f"--account-signer {name}: {exc}")
-        signers[name] = AccountSigner(
-            load_signing_key(path, KeyKind.ACCOUNT, f"--account-signer {name}"), account
+        key = (
+            load_signing_key(path, KeyKind.ACCOUNT, f"--account-signer {name}")
+            if path
+            else SigningKey.generate(KeyKind.ACCOUNT)
         )
+        signers[name] = AccountSigner(key, account)
     return signers
 
 
@@ -81,19 +85,15 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
         if (problem := account_problem(name)) is not None:
             fail(f"{flag} {problem}")
     allowed = frozenset(args.allowed_account or [args.account])
-    forbidden = frozenset({"SYS", "$SYS", args.system_account, args.callout_account})
-    # --account places internal keys and soft-mode admits: it obeys the same rule.
-    if bad := sorted((allowed | {args.account}) & forbidden):
-        fail(
-            f"refusing to place users in {', '.join(bad)}: the system and callout accounts"
-            " are never allowed (--allowed-account / --account)"
-        )
+    forbidden = forbidden_accounts(args.system_account, args.callout_account)
+    if problem := placement_problem(args.account, allowed, forbidden):
+        fail(problem)
     for name in allowed:
         if (problem := account_problem(name)) is not None:
             fail(f"--allowed-account {problem}")
     if args.backend_timeout <= 0:
         fail("--backend-timeout must be > 0")
-    signers = _signers(args)
+    signers = signers_from_args(args)
     if args.operator:
         if missing := sorted((allowed | {args.account}) - signers.keys()):
             fail(f"operator mode: no --account-signer for account(s) {', '.join(missing)}")
@@ -181,7 +181,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     if args.record_dir:
         try:
             recorder = recording.Recorder(
-                Path(args.record_dir), max_bytes=args.record_max_bytes, xkeys=policy.xkeys
+                Path(args.record_dir), policy=policy, max_bytes=args.record_max_bytes
             )
         except recording.RecordDirError as exc:
             fail(str(exc))
@@ -273,29 +273,90 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     return 0
 
 
-def add_policy_flags(p: argparse.ArgumentParser, *, issuer_required: bool = True) -> None:
-    """The flags `policy_from_args` reads: `callout replay` rebuilds the same decision core."""
+# What `serve` assumes for a policy flag not given (`callout replay` reads recordings of format
+# 1, which carry no policy, with the same).
+POLICY_DEFAULTS: Final[dict[str, Any]] = {
+    "mode": "enforce",
+    "backend_timeout": 1.0,
+    "user_ttl": 86400.0,
+    "callout_account": "AUTH",
+    "system_account": "SYS",
+    "fail_limit_key": 10,
+    "fail_limit_host": 100,
+    "fail_window": 10.0,
+    "operator": False,
+}
+
+
+def forbidden_accounts(system_account: str, callout_account: str) -> frozenset[str]:
+    """Never placed into, whatever --allowed-account says."""
+    return frozenset({"SYS", "$SYS", system_account, callout_account})
+
+
+def placement_problem(account: str, allowed: frozenset[str], forbidden: frozenset[str]) -> str:
+    """Why this --account / --allowed-account set is refused ("" when it is not)."""
+    # --account places internal keys and soft-mode admits: it obeys the same rule.
+    if bad := sorted((allowed | {account}) & forbidden):
+        return (
+            f"refusing to place users in {', '.join(bad)}: the system and callout accounts"
+            " are never allowed (--allowed-account / --account)"
+        )
+    return ""
+
+
+def add_policy_flags(p: argparse.ArgumentParser, *, replay: bool = False) -> None:
+    """The flags `policy_from_args` reads. `callout replay` takes them too (`replay=True`):
+    there none is required and none has a default (None: not given), since each one given
+    overrides its part of a recorded policy."""
+
+    def default(name: str) -> Any:
+        return None if replay else POLICY_DEFAULTS[name]
+
     add(
         p,
         "--issuer-seed-file",
-        required=issuer_required,
+        required=not replay,
         help="auth_callout.issuer account seed (SA...)",
     )
     add(p, "--xkey-seed-file", action="append", help="auth_callout xkey seed (SX...); repeatable")
-    add(p, "--account", required=True, help="account users are placed in by default")
+    add(p, "--account", required=not replay, help="account users are placed in by default")
     add(p, "--internal-key", action="append", help="user key admitted without the store")
     add(p, "--internal-permissions", help="JSON permissions for internal keys (default: none)")
-    add(p, "--mode", choices=["enforce", "soft"], default="enforce", help="soft admits unknown")
+    add(
+        p,
+        "--mode",
+        choices=["enforce", "soft"],
+        default=default("mode"),
+        help="soft admits unknown",
+    )
     add(p, "--default-permissions", help="JSON permissions for soft-mode admits (default: none)")
-    add(p, "--backend-timeout", type=positive_float, default=1.0, help="store deadline, seconds")
-    add(p, "--user-ttl", type=non_negative_float, default=86400.0, help="user JWT life (0: none)")
+    add(
+        p,
+        "--backend-timeout",
+        type=positive_float,
+        default=default("backend_timeout"),
+        help="store deadline, seconds",
+    )
+    add(
+        p,
+        "--user-ttl",
+        type=non_negative_float,
+        default=default("user_ttl"),
+        help="user JWT life (0: none)",
+    )
     add(
         p,
         "--allowed-account",
         action="append",
         help="accounts records may name (default --account)",
     )
-    add(p, "--operator", action="store_true", help="operator (decentralized) mode")
+    add(
+        p,
+        "--operator",
+        action="store_true",
+        default=default("operator"),
+        help="operator (decentralized) mode",
+    )
     add(
         p,
         "--issuer-account",
@@ -308,13 +369,39 @@ def add_policy_flags(p: argparse.ArgumentParser, *, issuer_required: bool = True
         metavar="NAME:ACCOUNT_PUBKEY:SEEDFILE",
         help="operator mode: the key that signs users of account NAME; repeatable",
     )
-    add(p, "--callout-account", default="AUTH", help="auth_callout.account; never placed into")
-    add(p, "--system-account", default="SYS", help="the system account; never placed into")
     add(
-        p, "--fail-limit-key", type=non_negative_int, default=10, help="failures per key per window"
+        p,
+        "--callout-account",
+        default=default("callout_account"),
+        help="auth_callout.account; never placed into",
     )
-    add(p, "--fail-limit-host", type=non_negative_int, default=100, help="failures per host")
-    add(p, "--fail-window", type=positive_float, default=10.0, help="failure window, seconds")
+    add(
+        p,
+        "--system-account",
+        default=default("system_account"),
+        help="the system account; never placed into",
+    )
+    add(
+        p,
+        "--fail-limit-key",
+        type=non_negative_int,
+        default=default("fail_limit_key"),
+        help="failures per key per window",
+    )
+    add(
+        p,
+        "--fail-limit-host",
+        type=non_negative_int,
+        default=default("fail_limit_host"),
+        help="failures per host",
+    )
+    add(
+        p,
+        "--fail-window",
+        type=positive_float,
+        default=default("fail_window"),
+        help="failure window, seconds",
+    )
 
 
 def register(sub: Any) -> None:

@@ -88,7 +88,15 @@ def test_a_line_holds_the_bytes_as_received_the_decoded_request_and_the_decision
     case = case_named(name)
     doc = recorded(case)
     assert doc["raw"] == "kept"
-    assert base64.b64decode(doc["payload_b64"]) == case.payload  # byte for byte
+    # The request as the server signed it (the box opened), byte for byte.
+    token = case.payload
+    if case.encrypted:
+        assert case.headers is not None
+        token = server_box(case.headers).decrypt(token[28:], token[4:28])
+        assert doc["opened_with"] == XKEYS[0].public
+    else:
+        assert "opened_with" not in doc
+    assert base64.b64decode(doc["token_b64"]) == token
     assert doc["headers"] == case.headers
     assert doc["encrypted"] is case.encrypted
     assert doc["received_at"] == case.received_at
@@ -129,7 +137,7 @@ def test_credentials_never_reach_the_recording(name: str, field: str) -> None:
     assert isinstance(secret, str) and len(secret) >= 6  # the case does carry one
     doc = recorded(case)
     assert doc["raw"] == "redacted" and doc["redaction"] == "credential"
-    assert "payload_b64" not in doc  # the payload holds the secret, sealed or not
+    assert "token_b64" not in doc  # the payload holds the secret, sealed or not
     assert doc["request"]["nats"]["connect_opts"][field] == "[REDACTED]"
     # Everything else of the request is there to read.
     assert {k: v for k, v in doc["request"]["nats"]["connect_opts"].items() if k != field} == {
@@ -149,9 +157,9 @@ def test_a_request_that_cannot_be_opened_is_not_written() -> None:
     # Recorded by a service without the xkey: nothing shows the box holds no secret.
     doc = recorded(case_named("encrypted_user_password"), xkeys=())
     assert (doc["raw"], doc["redaction"], doc["request"]) == ("redacted", "undecodable", None)
-    assert "payload_b64" not in doc
+    assert "token_b64" not in doc
     garbage = record_document(b"not a request", None, NOW, Decision("request_malformed"), ())
-    assert garbage["raw"] == "redacted" and "payload_b64" not in garbage
+    assert garbage["raw"] == "redacted" and "token_b64" not in garbage
 
 
 def test_a_seed_sent_as_the_nkey_is_redacted() -> None:

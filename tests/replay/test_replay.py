@@ -384,7 +384,8 @@ def test_cli_replays_the_committed_cases_unchanged(
         f"replayed {len(files)} of {len(files)} requests (clock: recorded):"
         f" {len(files)} unchanged, 0 changed, 0 skipped"
     )
-    per_request = lines[:-1]
+    assert lines[-2] == "policy: from the flags, for the requests recorded without one"
+    per_request = lines[:-2]
     assert len(per_request) == len(files) and all(line.endswith("  same") for line in per_request)
     expected = {load(Path(f)).expect["reason"] for f in files}
     assert {line.split()[2].split(":")[1].split("@")[0] for line in per_request} == expected
@@ -424,12 +425,29 @@ def test_cli_users_file_replaces_the_cases_users(
     assert changes(lines) == {"admit:admit@APP -> deny:revoked": 1}
 
 
-def test_cli_at_now_finds_every_authentic_request_expired(
+def test_cli_at_now_judges_each_request_valid_as_recorded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The policy's clock is now; a request's own (exp, nbf, the replay window) stays the
+    recorded arrival: a recorded request is not "expired" for having been recorded."""
     files = cases_of("encrypted")
     code, lines = replay_cli(capsys, *files, *policy_flags(tmp_path, "encrypted"), "--at", "now")
-    assert code == 1
-    found = changes(lines)
-    assert sum(found.values()) == len(files)
-    assert all(change.endswith(" -> drop:request_expired") for change in found)
+    assert code == 0, lines
+    assert lines[-1].endswith(f"(clock: now): {len(files)} unchanged, 0 changed, 0 skipped")
+
+
+def test_the_request_clock_and_the_policy_clock_are_apart() -> None:
+    """`valid_at` judges the request; `now` runs the failure limits and stamps the request."""
+    case = case_named("plain_unknown")
+    later = case.received_at + 86400
+    authorizer = Authorizer(policy(encrypted=False))
+    opened = authorizer.open(case.payload, None, later, valid_at=case.received_at)
+    assert not isinstance(opened, Decision), opened
+    assert opened.opened_at == later
+    decision = authorizer.decide(opened, replay.answer({}, opened.client_key))
+    assert decision.reason == "unknown_user"
+    # The failure was counted at the policy's clock, not at the request's.
+    assert authorizer.failures_by_key._buckets[opened.client_key][1] == later
+    # Judged at the policy's clock alone, the same request is long expired.
+    again = Authorizer(policy(encrypted=False)).open(case.payload, None, later)
+    assert isinstance(again, Decision) and again.reason == "request_expired"
