@@ -381,6 +381,24 @@ def test_no_exp_when_user_ttl_is_zero() -> None:
     assert "exp" not in user
 
 
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (b'{"permissions": {"publish": {"allow": ["a.>"]}}}', "permissions.publish"),
+        (b'{"permissions": {"pub": {"Allow": ["a.>"]}}}', "permissions.pub.Allow"),
+        (b'{"Revoked": true}', "Revoked"),
+        (b'{"revoked": true, "revoked": false}', "'revoked' twice"),
+    ],
+)
+def test_unknown_or_repeated_record_keys_are_record_invalid_naming_the_field(
+    value: bytes, named: str
+) -> None:
+    for mode in ("enforce", "soft"):
+        rig = make_rig(mode=mode)
+        decision = rig.run(rig.forge(), Found(value))
+        assert decision.reason == d.RECORD_INVALID and named in decision.detail
+
+
 def test_record_account_placement() -> None:
     rig = make_rig(allowed_accounts=frozenset({APP, "OTHER"}))
     forged = rig.forge()
