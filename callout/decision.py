@@ -61,6 +61,7 @@ from callout.keys import (
 )
 from callout.limits import FailureLimiter, SeenRequests
 from callout.records import UNRESTRICTED, Permissions, RecordError, UserRecord, parse_record
+from callout.store.base import TOMBSTONE
 
 # ---------------------------------------------------------------------------------------------
 # Reasons. Each decision carries exactly one; it is the `reason` field of the decision log line
@@ -207,6 +208,10 @@ class Decision:
     def admit(self) -> bool:
         return self.reason in ADMIT_REASONS
 
+    @property
+    def grant(self) -> Grant | None:
+        return Grant(self.account, self.permissions) if self.admit else None
+
 
 # The store's answer, as the shell saw it.
 @dataclass(frozen=True, slots=True)
@@ -216,7 +221,12 @@ class Found:
 
 @dataclass(frozen=True, slots=True)
 class Missing:
-    pass
+    """No record and no delete marker: the key never had a record (as far as the store knows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """The key's last write deleted its record: it had one, and it was taken away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +239,24 @@ class TimedOut:
     pass
 
 
-StoreAnswer = Found | Missing | Unavailable | TimedOut
+StoreAnswer = Found | Missing | Deleted | Unavailable | TimedOut
+
+
+def store_answer(value: bytes | None) -> StoreAnswer:
+    """A store lookup's value as the rules see it (`callout.store.Store.get`)."""
+    if value is None:
+        return Missing()
+    if value is TOMBSTONE:
+        return Deleted()
+    return Found(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an admit gave a connection: the account it was placed in and its permissions."""
+
+    account: str
+    permissions: Permissions
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +312,48 @@ def _str(doc: Mapping[str, Any], key: str) -> str:
 
 class _Malformed(Exception):
     pass
+
+
+def _placeable(policy: Policy, account: str) -> bool:
+    if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
+        return False
+    # Operator mode: an account we hold no signer for cannot be placed into.
+    return not policy.signers or account in policy.signers
+
+
+def _record_grant(policy: Policy, record: UserRecord) -> Grant | tuple[str, str]:
+    """What a parsed record grants, or the deny (reason, detail)."""
+    if record.revoked:
+        return REVOKED, "record is revoked"
+    account = record.account or policy.account
+    if not _placeable(policy, account):
+        return ACCOUNT_NOT_ALLOWED, f"record names account {account!r}"
+    # admin: full access within its account, as internal identities get by default.
+    return Grant(account, UNRESTRICTED if record.admin else record.permissions)
+
+
+def still_admits(policy: Policy, granted: Grant, answer: StoreAnswer) -> bool:
+    """Whether a live connection admitted with `granted` may keep it now that the store says
+    `answer` (a change to its record, or a reload of the whole bucket): only when the answer
+    would admit the user again into the same account with the same or wider permissions, or
+    the record says to keep its sessions. Anything else — revoked, deleted, invalid, placed
+    elsewhere, narrowed, or wider in a way `Permissions.covers` cannot prove — ends it: a
+    needless kick costs a reconnect, a missed one leaves access that was taken away."""
+    match answer:
+        case Found(value):
+            record = _parse_record(value)
+            if isinstance(record, RecordError):
+                return False
+            if record.keep_sessions:
+                return True
+            now = _record_grant(policy, record)
+            if not isinstance(now, Grant):
+                return False
+        case Missing() if policy.mode == "soft" and _placeable(policy, policy.account):
+            now = Grant(policy.account, policy.default_permissions)
+        case _:
+            return False
+    return now.account == granted.account and now.permissions.covers(granted.permissions)
 
 
 @dataclass(slots=True)
@@ -511,6 +580,15 @@ class Authorizer:
                         RECORD_INVALID, str(record), request, client_key=request.client_key
                     )
                 return self._decide_record(request, record)
+            case Deleted():
+                # Soft mode too: a deleted record was a decision to take access away, and
+                # admitting with the default permissions could widen it.
+                return Decision(
+                    UNKNOWN_USER,
+                    "record was deleted",
+                    request,
+                    client_key=request.client_key,
+                )
             case Missing():
                 if policy.mode == "soft":
                     return Decision(
@@ -543,27 +621,17 @@ class Authorizer:
                 )
 
     def _decide_record(self, request: Request, record: UserRecord) -> Decision:
-        policy = self.policy
-        if record.revoked:
-            return Decision(REVOKED, "record is revoked", request, client_key=request.client_key)
-        account = record.account or policy.account
-        if not self._placeable(account):
+        grant = _record_grant(self.policy, record)
+        if isinstance(grant, Grant):
             return Decision(
-                ACCOUNT_NOT_ALLOWED,
-                f"record names account {account!r}",
-                request,
-                client_key=request.client_key,
-            )
-        # admin: full access within its account, as internal identities get by default.
-        permissions = UNRESTRICTED if record.admin else record.permissions
-        return Decision(ADMIT, "", request, account, record.name, permissions, request.client_key)
+                ADMIT, "", request, grant.account, record.name, grant.permissions,
+                request.client_key,
+            )  # fmt: skip
+        reason, detail = grant
+        return Decision(reason, detail, request, client_key=request.client_key)
 
     def _placeable(self, account: str) -> bool:
-        policy = self.policy
-        if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
-            return False
-        # Operator mode: an account we hold no signer for cannot be placed into.
-        return not policy.signers or account in policy.signers
+        return _placeable(self.policy, account)
 
     def fail(self, request: Request | None, detail: str) -> Decision:
         """The shell's catch-all: any exception becomes a deny."""

@@ -111,10 +111,39 @@ def subject_problem(subject: object) -> str | None:
     return None
 
 
+def subject_covers(wide: str, narrow: str) -> bool:
+    """Whether every subject the permission subject `narrow` matches is matched by `wide`
+    (both valid: `subject_problem` is None)."""
+    wide_tokens, narrow_tokens = wide.split("."), narrow.split(".")
+    for i, part in enumerate(wide_tokens):
+        if part == ">":
+            return len(narrow_tokens) > i
+        if i >= len(narrow_tokens) or narrow_tokens[i] == ">":
+            return False
+        if part not in ("*", narrow_tokens[i]):
+            return False
+    return len(narrow_tokens) == len(wide_tokens)
+
+
+def _covered(subject: str, by: tuple[str, ...]) -> bool:
+    return any(subject_covers(wide, subject) for wide in by)
+
+
 @dataclass(frozen=True, slots=True)
 class Rules:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+
+    def covers(self, narrow: Rules) -> bool:
+        """Whether these rules allow at least everything `narrow` allows. Conservative: each
+        allowed subject of `narrow` must be inside one of ours (no allow list = everything),
+        and each subject we deny inside one `narrow` denied; so False may be said of rules
+        that are in fact as wide, never True of narrower ones."""
+        if self.allow and (
+            not narrow.allow or not all(_covered(s, self.allow) for s in narrow.allow)
+        ):
+            return False
+        return all(_covered(s, narrow.deny) for s in self.deny)
 
     def claims(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -129,6 +158,10 @@ class Rules:
 class Permissions:
     pub: Rules = field(default_factory=Rules)
     sub: Rules = field(default_factory=Rules)
+
+    def covers(self, narrow: Permissions) -> bool:
+        """Whether these permissions allow at least everything `narrow` allows (`Rules.covers`)."""
+        return self.pub.covers(narrow.pub) and self.sub.covers(narrow.sub)
 
     def claims(self) -> dict[str, Any]:
         """The user-JWT `nats` fields; empty lists are omitted (= no restriction by us)."""

@@ -152,7 +152,7 @@ async def _nats_events(
     return {"disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error}
 
 
-async def _revoker(args: argparse.Namespace, user_ttl: float) -> Revoker | None:
+async def _revoker(args: argparse.Namespace, policy: Policy) -> Revoker | None:
     """A system-account connection to kick revoked users' sessions, when one is configured."""
     if not (args.system_nkey_seed_file or args.system_creds):
         log.warning(
@@ -172,7 +172,7 @@ async def _revoker(args: argparse.Namespace, user_ttl: float) -> Revoker | None:
         "system identity",
     )
     nc = await connect(args.nats_url, system, name="callout-revoker", reconnect=True)
-    return Revoker(nc, user_ttl)
+    return Revoker(nc, policy.user_ttl, policy)
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
@@ -198,7 +198,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     timeout = max(policy.backend_timeout, 1.0)
     direct = kvstore.KVStore(nc, args.users_bucket, request_timeout=timeout)
     store: Store = direct
-    revoker = await _revoker(args, policy.user_ttl)
+    revoker = await _revoker(args, policy)
     watched: WatchedStore | None = None
     # Live revocation needs the watch even when lookups do not use it.
     if args.users_cache == "watch" or revoker is not None:
@@ -206,6 +206,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         listeners.append(watched)
         if revoker is not None:
             watched.listeners.append(revoker.record_changed)
+            watched.load_listeners.append(revoker.loaded)
         watched.start()
         if args.users_cache == "watch":
             store = watched

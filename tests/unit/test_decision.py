@@ -518,6 +518,7 @@ def test_fail_is_a_deny() -> None:
 # store answers, enforce and soft mode
 # ---------------------------------------------------------------------------------------------
 STILL_DENIED: list[tuple[StoreAnswer, str]] = [
+    (d.Deleted(), d.UNKNOWN_USER),  # soft mode admitted it, with the (unrestricted) defaults
     (Found(record("r", revoked=True)), d.REVOKED),
     (Found(record("r", revoked=True, admin=True)), d.REVOKED),
     (Found(b"not json"), d.RECORD_INVALID),
@@ -545,6 +546,17 @@ def test_unavailable_detail_is_kept_for_the_log() -> None:
     assert decision.detail == "bucket 'users' does not exist"
     invalid = rig.run(rig.forge(), Found(b'{"admin": 1}'))
     assert invalid.reason == d.RECORD_INVALID and "admin" in invalid.detail
+
+
+def test_store_values_map_to_answers_with_deletes_apart() -> None:
+    from callout.store import TOMBSTONE
+
+    assert d.store_answer(None) == Missing()
+    assert d.store_answer(TOMBSTONE) == d.Deleted()
+    assert d.store_answer(b"") == Found(b"")  # an empty value is a record (invalid), not a delete
+    assert d.store_answer(ALICE) == Found(ALICE)
+    decision = make_rig(mode="soft").run(make_rig().forge(), d.Deleted())
+    assert decision.reason != d.WOULD_DENY
 
 
 def test_unknown_user_in_enforce_mode() -> None:
@@ -1189,3 +1201,132 @@ def test_throttled_refusals_do_not_keep_a_host_throttled() -> None:
     # ... and still get in once the window has passed since the last real failure.
     later = NOW + 6.0
     assert r.run(r.forge(now=later), Found(ALICE), now=later).reason == d.ADMIT
+
+
+# ---------------------------------------------------------------------------------------------
+# live sessions: does a change to the record still stand for what a connection was given?
+# ---------------------------------------------------------------------------------------------
+ORDERS = record("o", pub_allow=["orders.>"], pub_deny=["orders.secret"], sub_allow=["_INBOX.>"])
+
+
+def _grant_of(value: bytes, **policy: Any) -> d.Grant:
+    rig = make_rig(**policy)
+    decision = rig.run(rig.forge(), Found(value))
+    assert decision.grant is not None, decision
+    return decision.grant
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # permissions reduced
+        (
+            ORDERS,
+            record(
+                "o", pub_allow=["orders.new"], pub_deny=["orders.secret"], sub_allow=["_INBOX.>"]
+            ),
+        ),
+        (
+            ORDERS,
+            record(
+                "o",
+                pub_allow=["orders.>"],
+                pub_deny=["orders.secret", "orders.x"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+        (record("u"), ORDERS),  # unrestricted -> restricted
+        # admin removed
+        (record("a", admin=True, pub_allow=["x"]), record("a", pub_allow=["x"])),
+        # the account changed: to one not allowed, or to another allowed one
+        (ORDERS, record("o", account="SYS")),
+        (ORDERS, record("o", account="OTHER")),
+        # revoked, revoked set to an invalid value, and other invalid records
+        (ORDERS, record("o", revoked=True)),
+        (ORDERS, b'{"name": "o", "revoked": "yes"}'),
+        (ORDERS, b'{"name": "o", "revoked": 1}'),
+        (ORDERS, b'{"name": "o", "Revoked": true}'),
+        (ORDERS, b"not json"),
+    ],
+)
+def test_a_narrower_or_unusable_record_ends_live_sessions(before: bytes, after: bytes) -> None:
+    policy = policy_for(make_keys(), allowed_accounts=frozenset({APP, "OTHER"}))
+    grant = _grant_of(before, allowed_accounts=policy.allowed_accounts)
+    assert not d.still_admits(policy, grant, Found(after))
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (ORDERS, ORDERS),
+        (
+            ORDERS,
+            record(
+                "renamed",
+                pub_allow=["orders.>"],
+                pub_deny=["orders.secret"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+        # wider: more allowed, less denied, a wildcard over a literal, no list at all, admin
+        (
+            ORDERS,
+            record(
+                "o",
+                pub_allow=["orders.>", "billing.>"],
+                pub_deny=["orders.secret"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+        (ORDERS, record("o", pub_allow=["orders.>"], sub_allow=["_INBOX.>"])),
+        (ORDERS, record("o", pub_allow=["orders.>"], pub_deny=["orders.secret"])),  # sub: all
+        (record("l", pub_allow=["orders.new"]), record("l", pub_allow=["orders.*"])),
+        (record("l", pub_allow=["orders.a.b"]), record("l", pub_allow=["orders.>"])),
+        (ORDERS, record("u")),
+        (ORDERS, record("a", admin=True)),
+        (record("d", pub_deny=["orders.>"]), record("d", pub_deny=["orders.secret"])),
+        # the record names the default account explicitly
+        (
+            ORDERS,
+            record(
+                "o",
+                account=APP,
+                pub_allow=["orders.>"],
+                pub_deny=["orders.secret"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+    ],
+)
+def test_an_equal_or_wider_record_keeps_live_sessions(before: bytes, after: bytes) -> None:
+    policy = policy_for(make_keys())
+    assert d.still_admits(policy, _grant_of(before), Found(after))
+
+
+def test_keep_sessions_keeps_them_whatever_the_record_says() -> None:
+    policy = policy_for(make_keys())
+    kept = b'{"revoked": true, "keep_sessions": true}'
+    assert d.still_admits(policy, _grant_of(ORDERS), Found(kept))
+    # ... but an invalid record cannot say so.
+    assert not d.still_admits(
+        policy, _grant_of(ORDERS), Found(b'{"revoked": true, "keep_sessions": "yes"}')
+    )
+
+
+def test_deleted_missing_and_soft_mode_sessions() -> None:
+    enforce = policy_for(make_keys())
+    grant = _grant_of(ORDERS)
+    assert not d.still_admits(enforce, grant, d.Deleted())
+    assert not d.still_admits(enforce, grant, Missing())
+    assert not d.still_admits(enforce, grant, Unavailable("x"))
+    defaults = Permissions(pub=Rules(allow=("public.>",)))
+    soft = policy_for(make_keys(), mode="soft", default_permissions=defaults)
+    # A soft-mode admit (no record, the defaults) stands while the key still has no record,
+    # ends when it is deleted, and when a record narrower than the defaults appears.
+    rig = make_rig(mode="soft", default_permissions=defaults)
+    soft_grant = rig.run(rig.forge(), Missing()).grant
+    assert soft_grant == d.Grant(APP, defaults)
+    assert d.still_admits(soft, soft_grant, Missing())
+    assert not d.still_admits(soft, soft_grant, d.Deleted())
+    assert not d.still_admits(soft, soft_grant, Found(record("n", pub_allow=["public.a"])))
+    assert d.still_admits(soft, soft_grant, Found(record("w", pub_allow=["public.>", "x"])))

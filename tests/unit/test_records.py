@@ -329,3 +329,46 @@ def test_permission_claims_omit_empty_lists() -> None:
     both = Permissions(pub=Rules(("a",), ("b",)), sub=Rules(("c",)))
     assert both.claims() == {"pub": {"allow": ["a"], "deny": ["b"]}, "sub": {"allow": ["c"]}}
     assert both.as_json()["sub"] == {"allow": ["c"], "deny": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# coverage: is one grant at least as wide as another?
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("wide", "narrow", "covers"),
+    [
+        ("a", "a", True),
+        ("a", "b", False),
+        ("a.*", "a.b", True),
+        ("a.*", "a.*", True),
+        ("a.*", "a.>", False),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a.b", True),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a.*", True),
+        ("a.>", "a.>", True),
+        ("a.>", "a", False),
+        (">", "a", True),
+        (">", ">", True),
+        ("a", "*", False),
+        ("a.b", "a.>", False),
+        ("*.b", "a.b", True),
+        ("*.b", "a.c", False),
+    ],
+)
+def test_subject_covers(wide: str, narrow: str, covers: bool) -> None:
+    from callout.records import subject_covers
+
+    assert subject_covers(wide, narrow) is covers
+
+
+def test_permissions_cover_only_what_they_provably_contain() -> None:
+    unrestricted = Permissions()
+    orders = Permissions(pub=Rules(("orders.>",), ("orders.secret",)))
+    assert unrestricted.covers(orders) and unrestricted.covers(unrestricted)
+    assert not orders.covers(unrestricted)
+    assert orders.covers(orders)
+    assert Permissions(pub=Rules(("orders.>",))).covers(orders)  # less denied
+    assert not Permissions(pub=Rules(("orders.>",), ("orders.*",))).covers(orders)  # more
+    assert Permissions(pub=Rules((), ("orders.secret",))).covers(orders)  # no allow list
+    assert not Permissions(sub=Rules(("x",))).covers(orders)  # sub narrowed from everything
