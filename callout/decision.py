@@ -14,12 +14,14 @@ from the table below, answered at once (silence costs the client the full server
    to address it to), so it is answered with an empty body, which the server treats as an
    immediate deny (protocol.md §3 check 1). It must also be new: the same server's
    `user_nkey` (fresh per request) or client nonce seen before is a `replay` (never `jti`,
-   which repeats, protocol.md §4). A key or source host that keeps failing is `throttled`
-   here, before any further work.
+   which repeats, protocol.md §4).
 2. **The client proved its key.** `connect_opts.sig` must be the signature of
    `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
    does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
-   we do not, nobody does. This gate applies to internal keys too.
+   we do not, nobody does. This gate applies to internal keys too. A source host whose
+   requests keep failing this gate gets its further failures refused as `throttled`; a
+   request that passes it is never refused for its host, only for its own key when that
+   key keeps failing gate 3 (`throttled`, before any store lookup).
 3. **The key is allowed** (`Authorizer.decide`). An internal key (`--internal-key`) is
    admitted without asking the store (nor the shared replay record), so the system can boot
    and recover while the store is down. Any other key needs a record from the store that
@@ -102,10 +104,12 @@ OVERLOADED: Final = "overloaded"  # backlog over --max-backlog: oldest answered 
 
 ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
 # Failures that count against the FailureLimiter. A bad signature proves nothing about the
-# key it names (anyone can claim a key), so it counts against the source host only.
+# key it names (anyone can claim a key), so it counts against the source host only. A
+# request with no key at all (`CONNECT {}`) counts against nothing: it costs nothing to
+# refuse, and counting it would let anyone lock every client behind an address out.
 # THROTTLED is not a failure: counting its own refusals would keep a host throttled by the
-# retries of the valid clients behind it, after the failing one stopped.
-_HOST_FAILURES: Final = frozenset({NO_NKEY, BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE})
+# retries of the clients behind it, after the failing one stopped.
+_HOST_FAILURES: Final = frozenset({BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE})
 _KEY_FAILURES: Final = frozenset({UNKNOWN_USER, REVOKED, RECORD_INVALID, ACCOUNT_NOT_ALLOWED})
 
 # Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
@@ -475,6 +479,14 @@ class Authorizer:
                 nonce[:_MAX_NONCE], now,
             )  # fmt: skip
             if reason in _HOST_FAILURES:
+                # A host that keeps failing is refused as `throttled` (not counted again: the
+                # retries of the clients behind it must not keep it throttled); this never
+                # touches a request whose signature verifies, see below.
+                if self.failures_by_host.throttled(host, now):
+                    return Decision(
+                        THROTTLED, f"host over its failure rate ({reason})", request,
+                        client_key=shown,
+                    )  # fmt: skip
                 self.failures_by_host.failed(host, now)
             return Decision(reason, detail, request, client_key=shown)
 
@@ -487,16 +499,11 @@ class Authorizer:
             return refuse(REPLAY, "this server's user_nkey was answered before")
         if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, now):
             return refuse(REPLAY, "this server's client nonce was answered before")
-        internal = bool(claimed) and _is_internal(claimed, self.policy.internal_keys)
-        # A key or host that keeps failing is denied before any work (and never reaches the
-        # store). Internal keys are exempt: they are how operators get in during an incident.
-        if not internal and (
-            self.failures_by_key.throttled(claimed, now)
-            or self.failures_by_host.throttled(host, now)
-        ):
-            return refuse(THROTTLED, "key or host over its failure rate")
 
-        # Gate 2: the client's signature over the nonce.
+        # Gate 2: the client's signature over the nonce, before any limiter: a client whose
+        # signature verifies is never refused for its host (a NAT, a load balancer or a proxy
+        # in front of it may carry a failing client too). A request with no key at all costs
+        # nothing and proves nothing: it counts against no one.
         if not claimed:
             return refuse(NO_NKEY, "client presented no nkey")
         try:
@@ -512,6 +519,12 @@ class Authorizer:
             return refuse(BAD_SIGNATURE, "sig is not base64 of 64 bytes")
         if not verify(client_raw, nonce.encode(), signature):
             return refuse(BAD_SIGNATURE, "sig does not verify over the nonce")
+        # Only the key's holder can make it fail from here on (unknown, revoked...): a key
+        # that keeps failing is refused without a store lookup. Internal keys are exempt:
+        # they are how operators get in during an incident.
+        internal = _is_internal(claimed, self.policy.internal_keys)
+        if not internal and self.failures_by_key.throttled(claimed, now):
+            return refuse(THROTTLED, "key over its failure rate")
         return Request(
             server_id=server_id,
             user_nkey=user_nkey,

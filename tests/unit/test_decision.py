@@ -1150,18 +1150,45 @@ def test_bad_signatures_throttle_the_host_not_the_key() -> None:
     forged_sig = {"nats": {"connect_opts": {"sig": attacker.sign("wrong")}}}
     for _ in range(2):
         assert r.run(r.forge(overrides=forged_sig), Missing()).reason == d.BAD_SIGNATURE
-    # The host is throttled now, whatever key it claims ...
-    assert r.run(r.forge(), Found(record("v"))).reason == d.THROTTLED
-    # ... but the victim's key is not: from another host it is admitted.
+    # The host is throttled now for requests that fail ...
+    assert r.run(r.forge(overrides=forged_sig), Missing()).reason == d.THROTTLED
+    # ... but a valid signature from it is never refused for its host ...
+    assert r.run(r.forge(), Found(record("v"))).reason == d.ADMIT
+    # ... and the victim's key is not throttled either: from another host it is admitted.
     elsewhere = {"nats": {"client_info": {"host": "10.9.9.9"}}}
     assert r.run(r.forge(overrides=elsewhere), Found(record("v"))).reason == d.ADMIT
+
+
+def test_requests_without_a_key_lock_no_host_out() -> None:
+    """A bare `CONNECT {}` used to count against its host, and the host check came before the
+    signature: ~10 a second locked out every valid client behind the same address."""
+    r = make_rig(fail_limit_host=3, fail_window=3600.0)
+    for _ in range(50):
+        assert r.run(r.forge(client=None), Missing()).reason == d.NO_NKEY
+    assert len(r.authorizer.failures_by_host) == 0
+    assert r.run(r.forge(), Found(ALICE)).reason == d.ADMIT
+    # Failing requests that carry a key do count, and then are refused as throttled; a valid
+    # one still gets in.
+    bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
+    reasons = [r.run(r.forge(overrides=bad), Missing()).reason for _ in range(5)]
+    assert reasons == [d.BAD_SIGNATURE] * 3 + [d.THROTTLED] * 2
+    assert r.run(r.forge(client=None), Missing()).reason == d.NO_NKEY
+    assert r.run(r.forge(), Found(ALICE)).reason == d.ADMIT
+
+
+def test_unknown_keys_with_valid_signatures_are_throttled_by_key_only() -> None:
+    r = make_rig(fail_limit_key=2, fail_limit_host=2, fail_window=3600.0)
+    for _ in range(4):  # fresh keys: each fails once, the host four times
+        assert r.run(r.forge(client=ClientKey.generate()), Missing()).reason == d.UNKNOWN_USER
+    assert r.run(r.forge(client=ClientKey.generate()), Missing()).reason == d.UNKNOWN_USER
+    assert r.run(r.forge(), Found(ALICE)).reason == d.ADMIT  # a known key behind the host
 
 
 def test_internal_keys_are_never_throttled() -> None:
     r = internal_rig(fail_limit_host=1)
     bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
     assert r.run(r.forge(overrides=bad), None).reason == d.BAD_SIGNATURE
-    assert r.run(r.forge(overrides=bad), None).reason in {d.BAD_SIGNATURE}
+    assert r.run(r.forge(overrides=bad), None).reason == d.THROTTLED  # its host, failing
     assert r.run(r.forge(), None).reason == d.ADMIT_INTERNAL
 
 
@@ -1194,13 +1221,20 @@ def test_throttled_refusals_do_not_keep_a_host_throttled() -> None:
     bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
     for _ in range(2):
         assert r.run(r.forge(overrides=bad), Missing()).reason == d.BAD_SIGNATURE
-    # Valid clients behind the host keep retrying while it is throttled ...
+    # Failing clients behind the host keep retrying while it is throttled; valid ones are
+    # admitted throughout ...
     for i in range(20):
         at = NOW + i * 0.2
-        assert r.run(r.forge(now=at), Found(ALICE), now=at).reason in {d.THROTTLED, d.ADMIT}
-    # ... and still get in once the window has passed since the last real failure.
-    later = NOW + 6.0
-    assert r.run(r.forge(now=later), Found(ALICE), now=later).reason == d.ADMIT
+        assert r.run(r.forge(now=at, overrides=bad), Missing(), now=at).reason in {
+            d.THROTTLED,
+            d.BAD_SIGNATURE,
+        }
+        assert r.run(r.forge(now=at), Found(ALICE), now=at).reason == d.ADMIT
+    # ... and the host recovers once the window has passed since the last counted failure.
+    later = NOW + 10.0
+    assert r.run(r.forge(now=later, overrides=bad), Missing(), now=later).reason == (
+        d.BAD_SIGNATURE
+    )
 
 
 # ---------------------------------------------------------------------------------------------
