@@ -14,7 +14,9 @@ from the table below, answered at once (silence costs the client the full server
    to address it to), so it is answered with an empty body, which the server treats as an
    immediate deny (protocol.md §3 check 1). It must also be new: the same server's
    `user_nkey` (fresh per request) or client nonce seen before is a `replay` (never `jti`,
-   which repeats, protocol.md §4).
+   which repeats, protocol.md §4); a replay is dropped unanswered, like an expired request,
+   because a second reply to an inbox the server still listens on can disconnect the client
+   the first one admitted (protocol.md §3, "two replies").
 2. **The client proved its key.** `connect_opts.sig` must be the signature of
    `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
    does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
@@ -84,7 +86,7 @@ NOT_FOR_US: Final = "request_wrong_audience"  # aud is not nats-authorization-re
 WRONG_SERVER: Final = "request_wrong_server"  # iss is not nats.server_id.id / xkey mismatch
 EXPIRED: Final = "request_expired"  # past exp: the server has already given up
 NOT_YET_VALID: Final = "request_not_yet_valid"  # nbf in the future (clock skew?)
-REPLAY: Final = "replay"  # this (server id, user_nkey) or (server id, nonce) was answered before
+REPLAY: Final = "replay"  # this (server id, user_nkey) or (server id, nonce) was seen: dropped
 THROTTLED: Final = "throttled"  # this key or source host keeps failing: denied cheaply
 # Gate 2: the client's proof of key.
 NO_NKEY: Final = "no_nkey"  # client did not present an nkey (user/pass, token, JWT...)
@@ -205,7 +207,8 @@ class Decision:
     permissions: Permissions = UNRESTRICTED
     # Enough of an unauthenticated request to log it (never trusted for a decision).
     client_key: str = ""
-    # True: send nothing. Only for requests the server has certainly given up on.
+    # True: send nothing. Only for requests the server has certainly given up on, and replays
+    # (an answer to one could be a second reply to a request already answered).
     drop: bool = False
 
     @property
@@ -478,6 +481,11 @@ class Authorizer:
                 server_id, user_nkey, shown, float(exp), False, xkeys, host, cid, cname,
                 nonce[:_MAX_NONCE], now,
             )  # fmt: skip
+            if reason == REPLAY:
+                # Never answered: if the server still listens on the original inbox, a second
+                # reply to it can disconnect the client that request admitted (protocol.md
+                # §3, "two replies"). Dropped, logged and counted instead.
+                return Decision(reason, detail, request, client_key=shown, drop=True)
             if reason in _HOST_FAILURES:
                 # A host that keeps failing is refused as `throttled` (not counted again: the
                 # retries of the clients behind it must not keep it throttled); this never
@@ -578,7 +586,7 @@ class Authorizer:
         match replay:
             case SeenBefore():
                 return Decision(REPLAY, "answered before (shared replay record)", request,
-                                client_key=request.client_key)  # fmt: skip
+                                client_key=request.client_key, drop=True)  # fmt: skip
             case Unavailable(detail):
                 return Decision(STORE_UNAVAILABLE, f"replay record: {detail}", request,
                                 client_key=request.client_key)  # fmt: skip
