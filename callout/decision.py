@@ -9,7 +9,8 @@ from the table below, answered at once (silence costs the client the full server
 
 1. **The request is authentic** (`Authorizer.open`). It opens (xkey box, when configured),
    decodes as a v2 `authorization_request` JWT signed by the server that sent it
-   (`iss == nats.server_id.id`), is addressed to callouts, and has not expired. A request
+   (`iss == nats.server_id.id`), is addressed to callouts, and has not expired (by more than
+   any plausible clock skew: `EXP_LEEWAY`). A request
    that does not get this far cannot be answered with a signed error (we do not know whom
    to address it to), so it is answered with an empty body, which the server treats as an
    immediate deny (protocol.md §3 check 1). It must also be new: the same server's
@@ -86,6 +87,7 @@ NOT_FOR_US: Final = "request_wrong_audience"  # aud is not nats-authorization-re
 WRONG_SERVER: Final = "request_wrong_server"  # iss is not nats.server_id.id / xkey mismatch
 EXPIRED: Final = "request_expired"  # past exp: the server has already given up
 NOT_YET_VALID: Final = "request_not_yet_valid"  # nbf in the future (clock skew?)
+KIND_NOT_ALLOWED: Final = "kind_not_allowed"  # a leafnode (or other kind) not in --allow-kind
 REPLAY: Final = "replay"  # this (server id, user_nkey) or (server id, nonce) was seen: dropped
 THROTTLED: Final = "throttled"  # this key or source host keeps failing: denied cheaply
 # Gate 2: the client's proof of key.
@@ -117,14 +119,25 @@ _KEY_FAILURES: Final = frozenset({UNKNOWN_USER, REVOKED, RECORD_INVALID, ACCOUNT
 # Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
 # leaves room for long chains and stops a flood of huge messages from costing much.
 MAX_REQUEST_BYTES: Final = 128 * 1024
-# `exp` is whole seconds, truncated (protocol.md §1, "exp ... truncated"): a request is
-# only certainly dead one second after its exp.
-EXP_LEEWAY: Final = 1.0
+# `exp` is the server's clock in whole seconds, truncated (protocol.md §1, "exp ...
+# truncated"), and ours may differ by seconds: a request is dropped as expired only when it is
+# past exp by more than any plausible skew between the two hosts. Answering in time does not
+# depend on it: `Request.deadline` measures from our own receive time.
+EXP_LEEWAY: Final = 30.0
+# The server's wait as the request states it (exp - iat) is believed up to this: nats-server
+# warns above 60 s (protocol.md §3, "Server-side timeout").
+MAX_SERVER_TIMEOUT: Final = 120.0
+# Taken off the server's wait for the answer's trip back to it.
+REPLY_MARGIN: Final = 0.05
 _REQUEST_AUDIENCE: Final = "nats-authorization-request"
 _RAW_URL = re.compile(r"[A-Za-z0-9_-]+")
 # 11 random bytes in base64url = 15 chars today; bound it without betting on the exact size.
 _MAX_NONCE = 128
 _MAX_SIG_TEXT = 128
+# `client_info.kind` as nats-server spells it for the connections it calls out, and the names
+# --allow-kind uses (protocol.md §1, client_info). WebSocket and MQTT clients are kind Client
+# (their transport is `type`).
+CLIENT_KINDS: Final = {"Client": "client", "Leafnode": "leafnode"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +183,21 @@ class Policy:
     fail_limit_key: int = 10
     fail_limit_host: int = 100
     fail_window: float = 10.0
+    # Operator mode: account public keys never placed into whatever signer names them (the
+    # system account's; the callout account's is refused by its issuer key). Placement there
+    # is by key (protocol.md §3 check 15), so the name check above cannot see it.
+    forbidden_account_keys: frozenset[str] = frozenset()
+    # The connection kinds admitted (`CLIENT_KINDS` values): a leafnode connection is a whole
+    # server joining the account, not one client, and must be allowed explicitly.
+    allowed_kinds: frozenset[str] = frozenset({"client"})
+
+    def __post_init__(self) -> None:
+        if not self.allowed_kinds or not self.allowed_kinds <= set(CLIENT_KINDS.values()):
+            raise ValueError(
+                f"allowed_kinds must be a non-empty subset of {sorted(CLIENT_KINDS.values())}"
+            )
+        if not 0 < self.fail_window < float("inf") or not 0 <= self.user_ttl < float("inf"):
+            raise ValueError("fail_window and user_ttl must be finite (fail_window > 0)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,10 +217,18 @@ class Request:
     client_name: str = ""
     nonce: str = ""
     opened_at: float = 0.0
+    # How long the server waits for this answer, as the request says (exp - iat, whole
+    # seconds); 0 when iat is missing or implausible.
+    server_timeout: float = 0.0
 
     def deadline(self, received: float, backend_timeout: float) -> float:
-        """When the store must have answered: --backend-timeout, and never past the request's
-        own exp, so a deny is still heard by a server that is still waiting."""
+        """When the store must have answered: --backend-timeout, and never past the server's
+        own wait, so a deny is still heard by a server that is still waiting. Measured from
+        our receive time with the span the request states (exp - iat), never by comparing
+        the server's exp with our clock: a host seconds ahead of its server would time every
+        lookup out at once, one behind would answer after the server gave up."""
+        if self.server_timeout > 0:
+            return received + min(backend_timeout, self.server_timeout - REPLY_MARGIN)
         return min(received + backend_timeout, self.exp)
 
 
@@ -324,8 +360,12 @@ class _Malformed(Exception):
 def _placeable(policy: Policy, account: str) -> bool:
     if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
         return False
-    # Operator mode: an account we hold no signer for cannot be placed into.
-    return not policy.signers or account in policy.signers
+    if not policy.signers:
+        return True
+    # Operator mode: an account we hold no signer for cannot be placed into, nor one whose
+    # key is forbidden, whatever name the signer was given.
+    signer = policy.signers.get(account)
+    return signer is not None and signer.account not in policy.forbidden_account_keys
 
 
 def _record_grant(policy: Policy, record: UserRecord) -> Grant | tuple[str, str]:
@@ -433,6 +473,9 @@ class Authorizer:
         exp = claims.get("exp")
         if type(exp) is not int:
             raise _Malformed("exp missing or not an integer")
+        iat = claims.get("iat")
+        span = exp - iat if type(iat) is int else 0
+        server_timeout = float(span) if 0 < span <= MAX_SERVER_TIMEOUT else 0.0
         client_info = nats.get("client_info") or {}
         connect_opts = nats.get("connect_opts") or {}
         if not isinstance(client_info, dict) or not isinstance(connect_opts, dict):
@@ -479,7 +522,7 @@ class Authorizer:
         def refuse(reason: str, detail: str) -> Decision:
             request = Request(
                 server_id, user_nkey, shown, float(exp), False, xkeys, host, cid, cname,
-                nonce[:_MAX_NONCE], now,
+                nonce[:_MAX_NONCE], now, server_timeout,
             )  # fmt: skip
             if reason == REPLAY:
                 # Never answered: if the server still listens on the original inbox, a second
@@ -527,6 +570,13 @@ class Authorizer:
             return refuse(BAD_SIGNATURE, "sig is not base64 of 64 bytes")
         if not verify(client_raw, nonce.encode(), signature):
             return refuse(BAD_SIGNATURE, "sig does not verify over the nonce")
+        # A leafnode is a whole server joining the account on a user's key: only when allowed.
+        kind = client_info.get("kind")
+        if (CLIENT_KINDS.get(kind) if isinstance(kind, str) else None) not in (
+            self.policy.allowed_kinds
+        ):
+            shown_kind = kind[:40] if isinstance(kind, str) else type(kind).__name__
+            return refuse(KIND_NOT_ALLOWED, f"connection kind {shown_kind!r} not in --allow-kind")
         # Only the key's holder can make it fail from here on (unknown, revoked...): a key
         # that keeps failing is refused without a store lookup. Internal keys are exempt:
         # they are how operators get in during an incident.
@@ -545,6 +595,7 @@ class Authorizer:
             client_name=cname,
             nonce=nonce,
             opened_at=now,
+            server_timeout=server_timeout,
         )
 
     # -- gate 3 -------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ from callout.commands.common import (
 )
 from callout.config import (
     add,
-    non_negative_float,
+    bounded_seconds,
     non_negative_int,
     positive_float,
     positive_int,
     replicas,
 )
-from callout.decision import AccountSigner, Authorizer, Policy
+from callout.decision import CLIENT_KINDS, AccountSigner, Authorizer, Policy
 from callout.keys import (
     CurveKey,
     KeyError_,
@@ -45,6 +45,21 @@ from callout.store import Store, StoreError
 from callout.store import kv as kvstore
 from callout.store.replay import ReplayBucket
 from callout.store.watch import WatchedStore
+
+# A JWT living longer than this is a mistake (and past int64 seconds, one every admit fails on).
+MAX_USER_TTL = 10 * 366 * 86400.0
+# A window longer than a day makes a throttled key or host wait a day to recover.
+MAX_FAIL_WINDOW = 86400.0
+
+
+def _kinds(values: list[str] | None) -> frozenset[str]:
+    """--allow-kind client,leafnode (repeatable, commas allowed)."""
+    kinds = frozenset(CLIENT_KINDS.values())
+    chosen = [item.strip() for value in values or ["client"] for item in value.split(",")]
+    for item in chosen:
+        if item not in kinds:
+            fail(f"--allow-kind {item!r}: must be one of {', '.join(sorted(kinds))}")
+    return frozenset(chosen)
 
 
 def _signers(args: argparse.Namespace) -> dict[str, AccountSigner]:
@@ -94,6 +109,7 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
     if args.backend_timeout <= 0:
         fail("--backend-timeout must be > 0")
     signers = _signers(args)
+    forbidden_keys: frozenset[str] = frozenset()
     if args.operator:
         if missing := sorted((allowed | {args.account}) - signers.keys()):
             fail(f"operator mode: no --account-signer for account(s) {', '.join(missing)}")
@@ -110,6 +126,22 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
                 fail(
                     f"--account-signer {name}: that is the callout account's key; users are"
                     " never placed in the callout account"
+                )
+        # Placement is by key here: the system account is known by its key, or not at all.
+        try:
+            decode_public(args.system_account, KeyKind.ACCOUNT)
+        except KeyError_:
+            fail(
+                "operator mode: --system-account must be the system account's public key"
+                " (A..., the server's `system_account`), so no --account-signer can place"
+                " users in it"
+            )
+        forbidden_keys = frozenset({args.system_account})
+        for name, signer in signers.items():
+            if signer.account in forbidden_keys:
+                fail(
+                    f"--account-signer {name}: that is the system account's key; users are"
+                    " never placed in the system account"
                 )
     elif signers or args.issuer_account:
         fail("--account-signer and --issuer-account are for operator mode (--operator)")
@@ -130,6 +162,8 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
         fail_limit_key=args.fail_limit_key,
         fail_limit_host=args.fail_limit_host,
         fail_window=args.fail_window,
+        forbidden_account_keys=forbidden_keys,
+        allowed_kinds=_kinds(args.allow_kind),
     )
 
 
@@ -289,7 +323,13 @@ def add_policy_flags(p: argparse.ArgumentParser, *, issuer_required: bool = True
     add(p, "--mode", choices=["enforce", "soft"], default="enforce", help="soft admits unknown")
     add(p, "--default-permissions", help="JSON permissions for soft-mode admits (default: none)")
     add(p, "--backend-timeout", type=positive_float, default=1.0, help="store deadline, seconds")
-    add(p, "--user-ttl", type=non_negative_float, default=86400.0, help="user JWT life (0: none)")
+    add(
+        p,
+        "--user-ttl",
+        type=bounded_seconds(0, MAX_USER_TTL, zero=True),
+        default=86400.0,
+        help="user JWT life, seconds (0: none; at most 10 years)",
+    )
     add(
         p,
         "--allowed-account",
@@ -310,12 +350,30 @@ def add_policy_flags(p: argparse.ArgumentParser, *, issuer_required: bool = True
         help="operator mode: the key that signs users of account NAME; repeatable",
     )
     add(p, "--callout-account", default="AUTH", help="auth_callout.account; never placed into")
-    add(p, "--system-account", default="SYS", help="the system account; never placed into")
+    add(
+        p,
+        "--system-account",
+        default="SYS",
+        help="the system account (operator mode: its public key); never placed into",
+    )
     add(
         p, "--fail-limit-key", type=non_negative_int, default=10, help="failures per key per window"
     )
     add(p, "--fail-limit-host", type=non_negative_int, default=100, help="failures per host")
-    add(p, "--fail-window", type=positive_float, default=10.0, help="failure window, seconds")
+    add(
+        p,
+        "--fail-window",
+        type=bounded_seconds(0, MAX_FAIL_WINDOW),
+        default=10.0,
+        help="failure window, seconds (at most a day)",
+    )
+    add(
+        p,
+        "--allow-kind",
+        action="append",
+        metavar="KIND[,KIND]",
+        help="connection kinds admitted: client, leafnode (default: client); repeatable",
+    )
 
 
 def register(sub: Any) -> None:

@@ -241,9 +241,10 @@ SCENARIOS: dict[str, Callable[[], Outcome]] = {
     d.FORGED: _forged,
     d.NOT_FOR_US: lambda: _plain()(overrides={"aud": "nats-authorization-response"}),
     d.WRONG_SERVER: _wrong_server,
-    d.EXPIRED: lambda: _plain()(now=NOW - 10),
+    d.EXPIRED: lambda: _plain()(now=NOW - 60),
     d.NOT_YET_VALID: lambda: _plain()(overrides={"nbf": int(NOW) + 60}),
     d.REPLAY: _replay,
+    d.KIND_NOT_ALLOWED: lambda: _plain()(overrides={"nats": {"client_info": {"kind": "Leafnode"}}}),
     d.THROTTLED: _throttled,
     d.NO_NKEY: lambda: _plain()(client=None),
     d.BAD_NKEY: lambda: _plain()(overrides={"nats": {"connect_opts": {"nkey": new_account()[1]}}}),
@@ -283,7 +284,7 @@ def all_reasons() -> set[str]:
 def test_scenarios_cover_every_reason() -> None:
     # OVERLOADED is the shell's own (load shedding), tested in test_service_shell.py.
     reasons = all_reasons() - {d.OVERLOADED}
-    assert len(reasons) == 26  # sanity: the introspection finds the table of reasons
+    assert len(reasons) == 27  # sanity: the introspection finds the table of reasons
     assert set(SCENARIOS) == reasons
     assert d.ADMIT_REASONS == {d.ADMIT, d.ADMIT_INTERNAL, d.WOULD_DENY}
     assert UNADDRESSABLE <= reasons
@@ -1055,21 +1056,49 @@ def test_expiry_boundary_and_drop() -> None:
 
 def test_not_yet_valid() -> None:
     rig = make_rig()
-    assert isinstance(rig.open(rig.forge(overrides={"nbf": int(NOW) + 1})), Request)
-    decision = rig.open(rig.forge(overrides={"nbf": int(NOW) + 2}))
+    edge = int(NOW) + int(d.EXP_LEEWAY)
+    assert isinstance(rig.open(rig.forge(overrides={"nbf": edge})), Request)
+    decision = rig.open(rig.forge(overrides={"nbf": edge + 1}))
     assert isinstance(decision, Decision) and decision.reason == d.NOT_YET_VALID
     mistyped = rig.open(rig.forge(overrides={"nbf": "later"}))  # not an int: refused
     assert isinstance(mistyped, Decision) and mistyped.reason == d.MALFORMED
 
 
-def test_deadline_never_past_exp() -> None:
+def test_deadline_is_the_receive_time_plus_the_server_s_wait() -> None:
     rig = make_rig()
     request = rig.request(rig.forge(timeout=2.0))
-    exp = request.exp
+    assert request.server_timeout == 2.0
     assert request.deadline(NOW, 1.0) == NOW + 1.0
-    assert request.deadline(NOW, 5.0) == exp
-    assert request.deadline(exp - 0.25, 1.0) == exp
-    assert request.deadline(exp + 3, 1.0) == exp
+    assert request.deadline(NOW, 5.0) == NOW + 2.0 - d.REPLY_MARGIN
+    # Whatever our clock says of the server's exp: far ahead, or far behind.
+    assert request.deadline(NOW + 3, 1.0) == NOW + 4.0
+    assert request.deadline(NOW - 3, 5.0) == NOW - 1.0 - d.REPLY_MARGIN
+
+
+@pytest.mark.parametrize("skew", [-3.0, -1.5, 1.5, 3.0])
+@pytest.mark.parametrize("timeout", [1.0, 2.0])
+def test_a_skewed_clock_neither_drops_nor_times_out_a_fresh_request(
+    skew: float, timeout: float
+) -> None:
+    """A host ahead of its server used to see every request as expired (dropped: the client
+    waited out the server's timeout) or its deadline already passed (store_timeout)."""
+    rig = make_rig()
+    for fraction in (0.0, 0.5, 0.99):  # where in its second the server published
+        sent = NOW + fraction
+        forged = rig.forge(now=sent, timeout=timeout)
+        received = sent + skew + 0.001
+        request = rig.request(forged, now=received)
+        budget = request.deadline(received, 1.0) - received
+        assert 0.9 <= budget <= 1.0
+
+
+@pytest.mark.parametrize("iat", [forge.DELETE, "soon", 1.5, 0, -5, 10**12, None], ids=repr)
+def test_an_implausible_iat_falls_back_to_exp(iat: Any) -> None:
+    rig = make_rig()
+    request = rig.request(rig.forge(timeout=2.0, overrides={"iat": iat}))
+    assert request.server_timeout == 0.0
+    assert request.deadline(NOW, 1.0) == NOW + 1.0
+    assert request.deadline(NOW, 5.0) == request.exp
 
 
 def test_response_iat_is_the_response_time() -> None:
@@ -1368,3 +1397,60 @@ def test_deleted_missing_and_soft_mode_sessions() -> None:
     assert not d.still_admits(soft, soft_grant, d.Deleted())
     assert not d.still_admits(soft, soft_grant, Found(record("n", pub_allow=["public.a"])))
     assert d.still_admits(soft, soft_grant, Found(record("w", pub_allow=["public.>", "x"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# connection kinds
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kind", "allowed", "reason"),
+    [
+        ("Client", {"client"}, d.ADMIT),
+        ("Leafnode", {"client"}, d.KIND_NOT_ALLOWED),  # used to be admitted on a user's record
+        ("Leafnode", {"client", "leafnode"}, d.ADMIT),
+        ("Client", {"leafnode"}, d.KIND_NOT_ALLOWED),
+        ("Router", {"client", "leafnode"}, d.KIND_NOT_ALLOWED),
+        ("client", {"client"}, d.KIND_NOT_ALLOWED),  # not the server's spelling
+        (DELETE, {"client", "leafnode"}, d.KIND_NOT_ALLOWED),
+        (7, {"client"}, d.KIND_NOT_ALLOWED),
+    ],
+)
+def test_connection_kinds(kind: Any, allowed: set[str], reason: str) -> None:
+    rig = make_rig(allowed_kinds=frozenset(allowed))
+    forged = rig.forge(overrides={"nats": {"client_info": {"kind": kind}}})
+    decision = rig.run(forged, Found(ALICE))
+    assert decision.reason == reason
+    if reason == d.KIND_NOT_ALLOWED:
+        assert_error_response(rig, decision, forged)
+        assert "--allow-kind" in decision.detail
+
+
+def test_internal_keys_obey_the_allowed_kinds_too() -> None:
+    rig = internal_rig()
+    leaf = rig.forge(overrides={"nats": {"client_info": {"kind": "Leafnode"}}})
+    assert rig.run(leaf, None).reason == d.KIND_NOT_ALLOWED
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"allowed_kinds": frozenset()},
+        {"allowed_kinds": frozenset({"router"})},
+        {"fail_window": float("inf")},
+        {"fail_window": float("nan")},
+        {"user_ttl": float("nan")},
+        {"user_ttl": float("inf")},
+    ],
+)
+def test_policy_refuses_what_it_cannot_mean(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        policy_for(make_keys(), **fields)
+
+
+def test_operator_mode_never_places_into_a_forbidden_account_key() -> None:
+    """The name a signer is given is ours; the key is what places (protocol.md §3 #15)."""
+    seed, system_key = new_account()
+    signer = d.AccountSigner(SigningKey.from_seed(seed), system_key)
+    rig = make_rig(signers={APP: signer}, forbidden_account_keys=frozenset({system_key}))
+    decision = rig.run(rig.forge(), Found(ALICE))
+    assert decision.reason == d.ACCOUNT_NOT_ALLOWED
