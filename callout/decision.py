@@ -15,9 +15,10 @@ from the table below, answered at once (silence costs the client the full server
    to address it to), so it is answered with an empty body, which the server treats as an
    immediate deny (protocol.md §3 check 1). It must also be new: the same server's
    `user_nkey` (fresh per request) or client nonce seen before is a `replay` (never `jti`,
-   which repeats, protocol.md §4); a replay is dropped unanswered, like an expired request,
-   because a second reply to an inbox the server still listens on can disconnect the client
-   the first one admitted (protocol.md §3, "two replies").
+   which repeats, protocol.md §4). A replayed request (same server, same `user_nkey`, or seen
+   by the shared replay record) is dropped unanswered, like an expired one: a second reply to
+   an inbox the server still listens on can disconnect the client the first one admitted
+   (protocol.md §3, "two replies"). A new request reusing a nonce gets a signed error.
 2. **The client proved its key.** `connect_opts.sig` must be the signature of
    `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
    does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
@@ -88,7 +89,7 @@ WRONG_SERVER: Final = "request_wrong_server"  # iss is not nats.server_id.id / x
 EXPIRED: Final = "request_expired"  # past exp: the server has already given up
 NOT_YET_VALID: Final = "request_not_yet_valid"  # nbf in the future (clock skew?)
 KIND_NOT_ALLOWED: Final = "kind_not_allowed"  # a leafnode (or other kind) not in --allow-kind
-REPLAY: Final = "replay"  # this (server id, user_nkey) or (server id, nonce) was seen: dropped
+REPLAY: Final = "replay"  # (server id, user_nkey) seen: dropped; or (server id, nonce) seen
 THROTTLED: Final = "throttled"  # this key or source host keeps failing: denied cheaply
 # Gate 2: the client's proof of key.
 NO_NKEY: Final = "no_nkey"  # client did not present an nkey (user/pass, token, JWT...)
@@ -519,15 +520,12 @@ class Authorizer:
         nonce = nonce if isinstance(nonce, str) else ""
 
         # Gate 1 passed: from here on, deny with a signed error response.
-        def refuse(reason: str, detail: str) -> Decision:
+        def refuse(reason: str, detail: str, *, drop: bool = False) -> Decision:
             request = Request(
                 server_id, user_nkey, shown, float(exp), False, xkeys, host, cid, cname,
                 nonce[:_MAX_NONCE], now, server_timeout,
             )  # fmt: skip
-            if reason == REPLAY:
-                # Never answered: if the server still listens on the original inbox, a second
-                # reply to it can disconnect the client that request admitted (protocol.md
-                # §3, "two replies"). Dropped, logged and counted instead.
+            if drop:
                 return Decision(reason, detail, request, client_key=shown, drop=True)
             if reason in _HOST_FAILURES:
                 # A host that keeps failing is refused as `throttled` (not counted again: the
@@ -547,8 +545,15 @@ class Authorizer:
             )
         until = exp + EXP_LEEWAY
         if not self.seen.first_sight(server_id, user_nkey, until, now):
-            return refuse(REPLAY, "this server's user_nkey was answered before")
+            # The same request again: never answered. If the server still listens on its
+            # inbox, a second reply there can disconnect the client the first one admitted
+            # (protocol.md §3, "two replies"). Dropped, logged and counted instead.
+            return refuse(REPLAY, "this server's user_nkey was seen before", drop=True)
         if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, now):
+            # A new request (its own user_nkey and inbox, which only the server can sign) for
+            # a nonce already used: the server calling a connection out again (a config
+            # reload does), or a CONNECT replayed to it. A deny to the fresh inbox is safe
+            # and spares the client the server's timeout.
             return refuse(REPLAY, "this server's client nonce was answered before")
 
         # Gate 2: the client's signature over the nonce, before any limiter: a client whose

@@ -1136,8 +1136,10 @@ def test_same_nonce_from_the_same_server_is_a_replay() -> None:
     again = r.forge(nonce="abcdefghijklmno")  # a fresh user_nkey, the same client nonce
     assert isinstance(r.open(first), Request)
     decision = r.open(again)
-    assert isinstance(decision, Decision) and decision.reason == d.REPLAY and decision.drop
+    # A new request (its own inbox): answered with a signed error, not dropped.
+    assert isinstance(decision, Decision) and decision.reason == d.REPLAY and not decision.drop
     assert "nonce" in decision.detail
+    assert_error_response(r, decision, again)
     other_server = r.forge(nonce="abcdefghijklmno", server=ServerIdentity.generate())
     assert isinstance(r.open(other_server), Request)
 
