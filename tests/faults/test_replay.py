@@ -167,7 +167,7 @@ async def test_replayed_to_the_same_replica_without_the_bucket(
         finally:
             await replayer.close()
         replays = [d for d in svc.events("decision") if d["reason"] == "replay"]
-        assert len(replays) == 2 and all("answered before" in d["detail"] for d in replays)
+        assert len(replays) == 2 and all("seen before" in d["detail"] for d in replays)
         assert all(d["decision"] == "drop" for d in replays)
         tally.check()
 
