@@ -20,6 +20,7 @@ import nats.js.errors
 from callout import __version__, log
 from callout.commands import connect, dev, keys, replay, serve, users
 from callout.commands.common import UserError
+from callout.config import Parser
 from callout.keys import KeyError_, SeedFileError
 from callout.records import RecordError
 from callout.store import StoreError
@@ -27,9 +28,7 @@ from callout.store import kv as kvstore
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="callout", description=__doc__.splitlines()[0] if __doc__ else ""
-    )
+    p = Parser(prog="callout", description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument("--version", action="version", version=f"callout {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for command in (serve, users, keys, dev, connect, replay):

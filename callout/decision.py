@@ -9,17 +9,23 @@ from the table below, answered at once (silence costs the client the full server
 
 1. **The request is authentic** (`Authorizer.open`). It opens (xkey box, when configured),
    decodes as a v2 `authorization_request` JWT signed by the server that sent it
-   (`iss == nats.server_id.id`), is addressed to callouts, and has not expired. A request
+   (`iss == nats.server_id.id`), is addressed to callouts, and has not expired (by more than
+   any plausible clock skew: `EXP_LEEWAY`). A request
    that does not get this far cannot be answered with a signed error (we do not know whom
    to address it to), so it is answered with an empty body, which the server treats as an
    immediate deny (protocol.md §3 check 1). It must also be new: the same server's
    `user_nkey` (fresh per request) or client nonce seen before is a `replay` (never `jti`,
-   which repeats, protocol.md §4). A key or source host that keeps failing is `throttled`
-   here, before any further work.
+   which repeats, protocol.md §4). A replayed request (same server, same `user_nkey`, or seen
+   by the shared replay record) is dropped unanswered, like an expired one: a second reply to
+   an inbox the server still listens on can disconnect the client the first one admitted
+   (protocol.md §3, "two replies"). A new request reusing a nonce gets a signed error.
 2. **The client proved its key.** `connect_opts.sig` must be the signature of
    `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
    does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
-   we do not, nobody does. This gate applies to internal keys too.
+   we do not, nobody does. This gate applies to internal keys too. A source host whose
+   requests keep failing this gate gets its further failures refused as `throttled`; a
+   request that passes it is never refused for its host, only for its own key when that
+   key keeps failing gate 3 (`throttled`, before any store lookup).
 3. **The key is allowed** (`Authorizer.decide`). An internal key (`--internal-key`) is
    admitted without asking the store (nor the shared replay record), so the system can boot
    and recover while the store is down. Any other key needs a record from the store that
@@ -61,6 +67,7 @@ from callout.keys import (
 )
 from callout.limits import FailureLimiter, SeenRequests
 from callout.records import UNRESTRICTED, Permissions, RecordError, UserRecord, parse_record
+from callout.store.base import TOMBSTONE
 
 # ---------------------------------------------------------------------------------------------
 # Reasons. Each decision carries exactly one; it is the `reason` field of the decision log line
@@ -81,7 +88,8 @@ NOT_FOR_US: Final = "request_wrong_audience"  # aud is not nats-authorization-re
 WRONG_SERVER: Final = "request_wrong_server"  # iss is not nats.server_id.id / xkey mismatch
 EXPIRED: Final = "request_expired"  # past exp: the server has already given up
 NOT_YET_VALID: Final = "request_not_yet_valid"  # nbf in the future (clock skew?)
-REPLAY: Final = "replay"  # this (server id, user_nkey) or (server id, nonce) was answered before
+KIND_NOT_ALLOWED: Final = "kind_not_allowed"  # a leafnode (or other kind) not in --allow-kind
+REPLAY: Final = "replay"  # (server id, user_nkey) seen: dropped; or (server id, nonce) seen
 THROTTLED: Final = "throttled"  # this key or source host keeps failing: denied cheaply
 # Gate 2: the client's proof of key.
 NO_NKEY: Final = "no_nkey"  # client did not present an nkey (user/pass, token, JWT...)
@@ -101,23 +109,36 @@ OVERLOADED: Final = "overloaded"  # backlog over --max-backlog: oldest answered 
 
 ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
 # Failures that count against the FailureLimiter. A bad signature proves nothing about the
-# key it names (anyone can claim a key), so it counts against the source host only.
+# key it names (anyone can claim a key), so it counts against the source host only. A
+# request with no key at all (`CONNECT {}`) counts against nothing: it costs nothing to
+# refuse, and counting it would let anyone lock every client behind an address out.
 # THROTTLED is not a failure: counting its own refusals would keep a host throttled by the
-# retries of the valid clients behind it, after the failing one stopped.
-_HOST_FAILURES: Final = frozenset({NO_NKEY, BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE})
+# retries of the clients behind it, after the failing one stopped.
+_HOST_FAILURES: Final = frozenset({BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE})
 _KEY_FAILURES: Final = frozenset({UNKNOWN_USER, REVOKED, RECORD_INVALID, ACCOUNT_NOT_ALLOWED})
 
 # Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
 # leaves room for long chains and stops a flood of huge messages from costing much.
 MAX_REQUEST_BYTES: Final = 128 * 1024
-# `exp` is whole seconds, truncated (protocol.md §1, "exp ... truncated"): a request is
-# only certainly dead one second after its exp.
-EXP_LEEWAY: Final = 1.0
+# `exp` is the server's clock in whole seconds, truncated (protocol.md §1, "exp ...
+# truncated"), and ours may differ by seconds: a request is dropped as expired only when it is
+# past exp by more than any plausible skew between the two hosts. Answering in time does not
+# depend on it: `Request.deadline` measures from our own receive time.
+EXP_LEEWAY: Final = 30.0
+# The server's wait as the request states it (exp - iat) is believed up to this: nats-server
+# warns above 60 s (protocol.md §3, "Server-side timeout").
+MAX_SERVER_TIMEOUT: Final = 120.0
+# Taken off the server's wait for the answer's trip back to it.
+REPLY_MARGIN: Final = 0.05
 _REQUEST_AUDIENCE: Final = "nats-authorization-request"
 _RAW_URL = re.compile(r"[A-Za-z0-9_-]+")
 # 11 random bytes in base64url = 15 chars today; bound it without betting on the exact size.
 _MAX_NONCE = 128
 _MAX_SIG_TEXT = 128
+# `client_info.kind` as nats-server spells it for the connections it calls out, and the names
+# --allow-kind uses (protocol.md §1, client_info). WebSocket and MQTT clients are kind Client
+# (their transport is `type`).
+CLIENT_KINDS: Final = {"Client": "client", "Leafnode": "leafnode"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +184,21 @@ class Policy:
     fail_limit_key: int = 10
     fail_limit_host: int = 100
     fail_window: float = 10.0
+    # Operator mode: account public keys never placed into whatever signer names them (the
+    # system account's; the callout account's is refused by its issuer key). Placement there
+    # is by key (protocol.md §3 check 15), so the name check above cannot see it.
+    forbidden_account_keys: frozenset[str] = frozenset()
+    # The connection kinds admitted (`CLIENT_KINDS` values): a leafnode connection is a whole
+    # server joining the account, not one client, and must be allowed explicitly.
+    allowed_kinds: frozenset[str] = frozenset({"client"})
+
+    def __post_init__(self) -> None:
+        if not self.allowed_kinds or not self.allowed_kinds <= set(CLIENT_KINDS.values()):
+            raise ValueError(
+                f"allowed_kinds must be a non-empty subset of {sorted(CLIENT_KINDS.values())}"
+            )
+        if not 0 < self.fail_window < float("inf") or not 0 <= self.user_ttl < float("inf"):
+            raise ValueError("fail_window and user_ttl must be finite (fail_window > 0)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +218,18 @@ class Request:
     client_name: str = ""
     nonce: str = ""
     opened_at: float = 0.0
+    # How long the server waits for this answer, as the request says (exp - iat, whole
+    # seconds); 0 when iat is missing or implausible.
+    server_timeout: float = 0.0
 
     def deadline(self, received: float, backend_timeout: float) -> float:
-        """When the store must have answered: --backend-timeout, and never past the request's
-        own exp, so a deny is still heard by a server that is still waiting."""
+        """When the store must have answered: --backend-timeout, and never past the server's
+        own wait, so a deny is still heard by a server that is still waiting. Measured from
+        our receive time with the span the request states (exp - iat), never by comparing
+        the server's exp with our clock: a host seconds ahead of its server would time every
+        lookup out at once, one behind would answer after the server gave up."""
+        if self.server_timeout > 0:
+            return received + min(backend_timeout, self.server_timeout - REPLY_MARGIN)
         return min(received + backend_timeout, self.exp)
 
 
@@ -200,12 +244,17 @@ class Decision:
     permissions: Permissions = UNRESTRICTED
     # Enough of an unauthenticated request to log it (never trusted for a decision).
     client_key: str = ""
-    # True: send nothing. Only for requests the server has certainly given up on.
+    # True: send nothing. Only for requests the server has certainly given up on, and replays
+    # (an answer to one could be a second reply to a request already answered).
     drop: bool = False
 
     @property
     def admit(self) -> bool:
         return self.reason in ADMIT_REASONS
+
+    @property
+    def grant(self) -> Grant | None:
+        return Grant(self.account, self.permissions) if self.admit else None
 
 
 # The store's answer, as the shell saw it.
@@ -216,7 +265,12 @@ class Found:
 
 @dataclass(frozen=True, slots=True)
 class Missing:
-    pass
+    """No record and no delete marker: the key never had a record (as far as the store knows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """The key's last write deleted its record: it had one, and it was taken away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +283,24 @@ class TimedOut:
     pass
 
 
-StoreAnswer = Found | Missing | Unavailable | TimedOut
+StoreAnswer = Found | Missing | Deleted | Unavailable | TimedOut
+
+
+def store_answer(value: bytes | None) -> StoreAnswer:
+    """A store lookup's value as the rules see it (`callout.store.Store.get`)."""
+    if value is None:
+        return Missing()
+    if value is TOMBSTONE:
+        return Deleted()
+    return Found(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an admit gave a connection: the account it was placed in and its permissions."""
+
+    account: str
+    permissions: Permissions
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +356,52 @@ def _str(doc: Mapping[str, Any], key: str) -> str:
 
 class _Malformed(Exception):
     pass
+
+
+def _placeable(policy: Policy, account: str) -> bool:
+    if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
+        return False
+    if not policy.signers:
+        return True
+    # Operator mode: an account we hold no signer for cannot be placed into, nor one whose
+    # key is forbidden, whatever name the signer was given.
+    signer = policy.signers.get(account)
+    return signer is not None and signer.account not in policy.forbidden_account_keys
+
+
+def _record_grant(policy: Policy, record: UserRecord) -> Grant | tuple[str, str]:
+    """What a parsed record grants, or the deny (reason, detail)."""
+    if record.revoked:
+        return REVOKED, "record is revoked"
+    account = record.account or policy.account
+    if not _placeable(policy, account):
+        return ACCOUNT_NOT_ALLOWED, f"record names account {account!r}"
+    # admin: full access within its account, as internal identities get by default.
+    return Grant(account, UNRESTRICTED if record.admin else record.permissions)
+
+
+def still_admits(policy: Policy, granted: Grant, answer: StoreAnswer) -> bool:
+    """Whether a live connection admitted with `granted` may keep it now that the store says
+    `answer` (a change to its record, or a reload of the whole bucket): only when the answer
+    would admit the user again into the same account with the same or wider permissions, or
+    the record says to keep its sessions. Anything else — revoked, deleted, invalid, placed
+    elsewhere, narrowed, or wider in a way `Permissions.covers` cannot prove — ends it: a
+    needless kick costs a reconnect, a missed one leaves access that was taken away."""
+    match answer:
+        case Found(value):
+            record = _parse_record(value)
+            if isinstance(record, RecordError):
+                return False
+            if record.keep_sessions:
+                return True
+            now = _record_grant(policy, record)
+            if not isinstance(now, Grant):
+                return False
+        case Missing() if policy.mode == "soft" and _placeable(policy, policy.account):
+            now = Grant(policy.account, policy.default_permissions)
+        case _:
+            return False
+    return now.account == granted.account and now.permissions.covers(granted.permissions)
 
 
 @dataclass(slots=True)
@@ -368,6 +485,9 @@ class Authorizer:
         exp = claims.get("exp")
         if type(exp) is not int:
             raise _Malformed("exp missing or not an integer")
+        iat = claims.get("iat")
+        span = exp - iat if type(iat) is int else 0
+        server_timeout = float(span) if 0 < span <= MAX_SERVER_TIMEOUT else 0.0
         client_info = nats.get("client_info") or {}
         connect_opts = nats.get("connect_opts") or {}
         if not isinstance(client_info, dict) or not isinstance(connect_opts, dict):
@@ -413,12 +533,22 @@ class Authorizer:
         nonce = nonce if isinstance(nonce, str) else ""
 
         # Gate 1 passed: from here on, deny with a signed error response.
-        def refuse(reason: str, detail: str) -> Decision:
+        def refuse(reason: str, detail: str, *, drop: bool = False) -> Decision:
             request = Request(
                 server_id, user_nkey, shown, float(exp), False, xkeys, host, cid, cname,
-                nonce[:_MAX_NONCE], now,
+                nonce[:_MAX_NONCE], now, server_timeout,
             )  # fmt: skip
+            if drop:
+                return Decision(reason, detail, request, client_key=shown, drop=True)
             if reason in _HOST_FAILURES:
+                # A host that keeps failing is refused as `throttled` (not counted again: the
+                # retries of the clients behind it must not keep it throttled); this never
+                # touches a request whose signature verifies, see below.
+                if self.failures_by_host.throttled(host, now):
+                    return Decision(
+                        THROTTLED, f"host over its failure rate ({reason})", request,
+                        client_key=shown,
+                    )  # fmt: skip
                 self.failures_by_host.failed(host, now)
             return Decision(reason, detail, request, client_key=shown)
 
@@ -428,19 +558,21 @@ class Authorizer:
             )
         until = exp + EXP_LEEWAY
         if not self.seen.first_sight(server_id, user_nkey, until, valid_at):
-            return refuse(REPLAY, "this server's user_nkey was answered before")
+            # The same request again: never answered. If the server still listens on its
+            # inbox, a second reply there can disconnect the client the first one admitted
+            # (protocol.md §3, "two replies"). Dropped, logged and counted instead.
+            return refuse(REPLAY, "this server's user_nkey was seen before", drop=True)
         if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, valid_at):
+            # A new request (its own user_nkey and inbox, which only the server can sign) for
+            # a nonce already used: the server calling a connection out again (a config
+            # reload does), or a CONNECT replayed to it. A deny to the fresh inbox is safe
+            # and spares the client the server's timeout.
             return refuse(REPLAY, "this server's client nonce was answered before")
-        internal = bool(claimed) and _is_internal(claimed, self.policy.internal_keys)
-        # A key or host that keeps failing is denied before any work (and never reaches the
-        # store). Internal keys are exempt: they are how operators get in during an incident.
-        if not internal and (
-            self.failures_by_key.throttled(claimed, now)
-            or self.failures_by_host.throttled(host, now)
-        ):
-            return refuse(THROTTLED, "key or host over its failure rate")
 
-        # Gate 2: the client's signature over the nonce.
+        # Gate 2: the client's signature over the nonce, before any limiter: a client whose
+        # signature verifies is never refused for its host (a NAT, a load balancer or a proxy
+        # in front of it may carry a failing client too). A request with no key at all costs
+        # nothing and proves nothing: it counts against no one.
         if not claimed:
             return refuse(NO_NKEY, "client presented no nkey")
         try:
@@ -456,6 +588,19 @@ class Authorizer:
             return refuse(BAD_SIGNATURE, "sig is not base64 of 64 bytes")
         if not verify(client_raw, nonce.encode(), signature):
             return refuse(BAD_SIGNATURE, "sig does not verify over the nonce")
+        # A leafnode is a whole server joining the account on a user's key: only when allowed.
+        kind = client_info.get("kind")
+        if (CLIENT_KINDS.get(kind) if isinstance(kind, str) else None) not in (
+            self.policy.allowed_kinds
+        ):
+            shown_kind = kind[:40] if isinstance(kind, str) else type(kind).__name__
+            return refuse(KIND_NOT_ALLOWED, f"connection kind {shown_kind!r} not in --allow-kind")
+        # Only the key's holder can make it fail from here on (unknown, revoked...): a key
+        # that keeps failing is refused without a store lookup. Internal keys are exempt:
+        # they are how operators get in during an incident.
+        internal = _is_internal(claimed, self.policy.internal_keys)
+        if not internal and self.failures_by_key.throttled(claimed, now):
+            return refuse(THROTTLED, "key over its failure rate")
         return Request(
             server_id=server_id,
             user_nkey=user_nkey,
@@ -468,6 +613,7 @@ class Authorizer:
             client_name=cname,
             nonce=nonce,
             opened_at=now,
+            server_timeout=server_timeout,
         )
 
     # -- gate 3 -------------------------------------------------------------------------------
@@ -509,7 +655,7 @@ class Authorizer:
         match replay:
             case SeenBefore():
                 return Decision(REPLAY, "answered before (shared replay record)", request,
-                                client_key=request.client_key)  # fmt: skip
+                                client_key=request.client_key, drop=True)  # fmt: skip
             case Unavailable(detail):
                 return Decision(STORE_UNAVAILABLE, f"replay record: {detail}", request,
                                 client_key=request.client_key)  # fmt: skip
@@ -524,6 +670,15 @@ class Authorizer:
                         RECORD_INVALID, str(record), request, client_key=request.client_key
                     )
                 return self._decide_record(request, record)
+            case Deleted():
+                # Soft mode too: a deleted record was a decision to take access away, and
+                # admitting with the default permissions could widen it.
+                return Decision(
+                    UNKNOWN_USER,
+                    "record was deleted",
+                    request,
+                    client_key=request.client_key,
+                )
             case Missing():
                 if policy.mode == "soft":
                     return Decision(
@@ -556,27 +711,17 @@ class Authorizer:
                 )
 
     def _decide_record(self, request: Request, record: UserRecord) -> Decision:
-        policy = self.policy
-        if record.revoked:
-            return Decision(REVOKED, "record is revoked", request, client_key=request.client_key)
-        account = record.account or policy.account
-        if not self._placeable(account):
+        grant = _record_grant(self.policy, record)
+        if isinstance(grant, Grant):
             return Decision(
-                ACCOUNT_NOT_ALLOWED,
-                f"record names account {account!r}",
-                request,
-                client_key=request.client_key,
-            )
-        # admin: full access within its account, as internal identities get by default.
-        permissions = UNRESTRICTED if record.admin else record.permissions
-        return Decision(ADMIT, "", request, account, record.name, permissions, request.client_key)
+                ADMIT, "", request, grant.account, record.name, grant.permissions,
+                request.client_key,
+            )  # fmt: skip
+        reason, detail = grant
+        return Decision(reason, detail, request, client_key=request.client_key)
 
     def _placeable(self, account: str) -> bool:
-        policy = self.policy
-        if account in policy.forbidden_accounts or account not in policy.allowed_accounts:
-            return False
-        # Operator mode: an account we hold no signer for cannot be placed into.
-        return not policy.signers or account in policy.signers
+        return _placeable(self.policy, account)
 
     def fail(self, request: Request | None, detail: str) -> Decision:
         """The shell's catch-all: any exception becomes a deny."""

@@ -132,7 +132,9 @@ class Metrics:
             registry=r,
         )
         self.replays = Counter(
-            "callout_replays", "Requests denied as replays of an answered request.", registry=r
+            "callout_replays",
+            "Requests dropped unanswered as replays of a request already seen.",
+            registry=r,
         )
         self.expired = Counter(
             "callout_requests_expired",

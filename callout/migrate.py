@@ -13,10 +13,11 @@ can clobber an edit someone makes meanwhile:
 3. `apply`: a create for each new key, a compare-and-set update at the planned revision for
    each overwrite. A key that changed since it was planned is a conflict and is left alone.
 
-Records are stored complete (every field explicit) and keep unknown top-level fields (a
-control plane's own). A stored record is unchanged when every record field and every field
-the input names are equal; fields the input does not name are not compared, and are kept
-when the record is overwritten. So a second run, and an export imported back, are all
+Records are stored complete (every field explicit); a row is read exactly as the service
+reads a record, so an unknown or repeated key is an invalid row (a control plane's own data
+goes in `meta`). A stored record is unchanged when every record field and every field the
+input names are equal; fields the input does not name are not compared, and are kept when
+the record is overwritten. So a second run, and an export imported back, are all
 unchanged.
 """
 
@@ -40,7 +41,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from callout.keys import KeyError_, KeyKind, decode_public
-from callout.records import MAX_RECORD_BYTES, RecordError, UserRecord, parse_record
+from callout.records import MAX_RECORD_BYTES, RecordError, UserRecord, loads, parse_record
 from callout.store.base import StoreError
 from callout.store.kv import (
     KVStore,
@@ -146,7 +147,7 @@ def user_key(value: object) -> str:
 
 def record_value(doc: dict[str, Any]) -> bytes:
     """The bytes to store for a record document (without its key): validated exactly as the
-    service will read it, every field explicit, unknown top-level fields kept."""
+    service will read it, every field explicit, `meta` kept."""
     value = orjson.dumps(_complete(parse_record(orjson.dumps(doc)), doc))
     if len(value) > MAX_RECORD_BYTES:
         raise RecordError(f"record larger than {MAX_RECORD_BYTES} bytes")
@@ -173,7 +174,8 @@ def canonical(value: bytes) -> dict[str, Any] | None:
 
 
 def _complete(record: UserRecord, doc: dict[str, Any]) -> dict[str, Any]:
-    """The record's fields, all explicit, then the document's unknown fields in their order."""
+    """The record's fields, all explicit, then the document's others (`meta`, a false
+    `keep_sessions`) in their order."""
     complete = record.as_json()
     complete.update((name, value) for name, value in doc.items() if name not in complete)
     return complete
@@ -230,10 +232,7 @@ def columns_record(values: dict[str, Any]) -> bytes:
         doc["account"] = (_text(values["account"], "account") or "").strip() or None
     permissions = _text(values.get("permissions"), "permissions")
     if permissions and permissions.strip():
-        try:
-            doc["permissions"] = orjson.loads(permissions)
-        except orjson.JSONDecodeError:
-            raise RecordError("permissions is not JSON") from None
+        doc["permissions"] = loads(permissions.encode(), "permissions")
     elif any(column in values for column in LIST_COLUMNS):
         doc["permissions"] = {
             direction: {
@@ -269,9 +268,9 @@ def read_jsonl(stream: Iterable[bytes]) -> Iterator[Item | Invalid]:
             continue
         at = ("line", number)
         try:
-            doc = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            yield Invalid(at, f"not JSON: {exc}")
+            doc = loads(line, "the line")
+        except RecordError as exc:
+            yield Invalid(at, str(exc))
             continue
         if not isinstance(doc, dict):
             yield Invalid(at, "not a JSON object")

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import orjson
 
-from callout.decision import AccountSigner, Policy
+from callout.decision import CLIENT_KINDS, AccountSigner, Policy
 from callout.keys import CurveKey, KeyError_, KeyKind, SigningKey, decode_public
 from callout.records import Permissions, RecordError, account_problem, parse_permissions
 
@@ -84,18 +84,23 @@ def _number(name: str, value: object, *, integer: bool = False) -> Any:
 
 
 def _permissions(name: str, value: object) -> Permissions:
-    # parse_permissions ignores fields it does not know (records may carry a control plane's
-    # own); a recorded policy is ours alone, so anything else is a mistake.
-    if isinstance(value, dict):
-        for side, rules in value.items():
-            if side not in ("pub", "sub"):
-                raise _fail(name, f"unknown field {side!r}")
-            if isinstance(rules, dict) and (extra := set(rules) - {"allow", "deny"}):
-                raise _fail(name, f"unknown field {side}.{sorted(extra)[0]!r}")
     try:
         return parse_permissions(value, f"policy.{name}")
     except RecordError as exc:
         raise PolicyDocumentError(str(exc)) from None
+
+
+def _kinds(name: str, value: object) -> frozenset[str]:
+    known = set(CLIENT_KINDS.values())
+    if not isinstance(value, list) or not value or not set(value) <= known:
+        raise _fail(name, f"must be a non-empty list of {sorted(known)}")
+    return frozenset(value)
+
+
+def _account_keys(name: str, value: object) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise _fail(name, "must be a list of account public keys")
+    return frozenset(_public(name, item, KeyKind.ACCOUNT) for item in value)
 
 
 def _mode(name: str, value: object) -> str:
@@ -172,6 +177,8 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field("fail_limit_key", lambda p: p.fail_limit_key, lambda n, v: _number(n, v, integer=True)),
     Field("fail_limit_host", lambda p: p.fail_limit_host, lambda n, v: _number(n, v, integer=True)),
     Field("fail_window", lambda p: p.fail_window, _number),
+    Field("forbidden_account_keys", lambda p: sorted(p.forbidden_account_keys), _account_keys),
+    Field("allowed_kinds", lambda p: sorted(p.allowed_kinds), _kinds),
 )
 # For fields added after recordings were made: the value an older recording stands for
 # (the behaviour of the version that wrote it). Empty: every field above is in every v2 file.

@@ -53,12 +53,11 @@ from callout.decision import (
     STORE_UNAVAILABLE,
     Authorizer,
     Decision,
-    Found,
-    Missing,
     Policy,
     StoreAnswer,
     TimedOut,
     Unavailable,
+    store_answer,
 )
 from callout.keys import CurveKey
 from callout.recorded_policy import RecordedPolicy
@@ -318,8 +317,7 @@ def read_users(lines: Iterable[bytes], source: str = "users") -> dict[str, bytes
 # feeding the core
 # ---------------------------------------------------------------------------------------------
 def answer(users: Users, key: str) -> StoreAnswer:
-    value = users.get(key)
-    return Missing() if value is None else Found(value)
+    return store_answer(users.get(key))
 
 
 def decide(

@@ -32,14 +32,13 @@ from callout.decision import (
     Authorizer,
     Decision,
     FirstSight,
-    Found,
-    Missing,
     ReplayAnswer,
     Request,
     SeenBefore,
     StoreAnswer,
     TimedOut,
     Unavailable,
+    store_answer,
 )
 from callout.recording import Recorder
 from callout.store import Store, StoreError
@@ -194,7 +193,7 @@ class CalloutService:
             return TimedOut()
         except StoreError as exc:
             return Unavailable(str(exc))
-        return Missing() if value is None else Found(value)
+        return store_answer(value)
 
     async def _check_replay(self, request: Request, received: float) -> ReplayAnswer:
         assert self.replay is not None

@@ -11,7 +11,6 @@ from typing import Any, NoReturn
 
 import nats
 import nats.errors
-import orjson
 from nats.aio.client import Client
 
 from callout.config import add
@@ -24,7 +23,7 @@ from callout.keys import (
     load_signing_key,
     read_seed_file,
 )
-from callout.records import Permissions, RecordError, parse_permissions
+from callout.records import Permissions, RecordError, loads, parse_permissions
 
 
 class UserError(Exception):
@@ -180,8 +179,6 @@ def permissions_json(text: str | None, flag: str) -> Permissions:
     if not text:
         return Permissions()
     try:
-        return parse_permissions(orjson.loads(text), flag)
-    except orjson.JSONDecodeError:
-        fail(f"{flag} is not JSON")
+        return parse_permissions(loads(text.encode(), flag), flag)
     except RecordError as exc:
         fail(str(exc))

@@ -32,13 +32,14 @@ from callout.commands.serve import (
     POLICY_DEFAULTS,
     add_policy_flags,
     forbidden_accounts,
+    kinds_from_flag,
     placement_problem,
     policy_from_args,
     signers_from_args,
 )
 from callout.config import add
 from callout.decision import Policy
-from callout.keys import KeyKind, SigningKey, load_curve_key, load_signing_key
+from callout.keys import KeyKind, SigningKey, is_public, load_curve_key, load_signing_key
 from callout.records import account_problem
 from callout.store import StoreError
 from callout.store import kv as kvstore
@@ -174,8 +175,12 @@ def policy_overrides(args: argparse.Namespace) -> dict[str, Override]:
             "--callout-account/--system-account",
             forbidden_accounts(system, callout),
         )
+        if is_public(system, KeyKind.ACCOUNT):  # operator mode names it by key
+            out["forbidden_account_keys"] = ("--system-account", frozenset({system}))
     if args.account_signer is not None:
         out["signers"] = ("--account-signer", signers_from_args(args, seeds=False))
+    if args.allow_kind is not None:
+        out["allowed_kinds"] = ("--allow-kind", kinds_from_flag(args.allow_kind))
     return out
 
 

@@ -22,13 +22,13 @@ from callout.commands.common import (
 )
 from callout.config import (
     add,
-    non_negative_float,
+    bounded_seconds,
     non_negative_int,
     positive_float,
     positive_int,
     replicas,
 )
-from callout.decision import AccountSigner, Authorizer, Policy
+from callout.decision import CLIENT_KINDS, AccountSigner, Authorizer, Policy
 from callout.keys import (
     CurveKey,
     KeyError_,
@@ -45,6 +45,21 @@ from callout.store import Store, StoreError
 from callout.store import kv as kvstore
 from callout.store.replay import ReplayBucket
 from callout.store.watch import WatchedStore
+
+# A JWT living longer than this is a mistake (and past int64 seconds, one every admit fails on).
+MAX_USER_TTL = 10 * 366 * 86400.0
+# A window longer than a day makes a throttled key or host wait a day to recover.
+MAX_FAIL_WINDOW = 86400.0
+
+
+def kinds_from_flag(values: list[str] | None) -> frozenset[str]:
+    """--allow-kind client,leafnode (repeatable, commas allowed)."""
+    kinds = frozenset(CLIENT_KINDS.values())
+    chosen = [item.strip() for value in values or ["client"] for item in value.split(",")]
+    for item in chosen:
+        if item not in kinds:
+            fail(f"--allow-kind {item!r}: must be one of {', '.join(sorted(kinds))}")
+    return frozenset(chosen)
 
 
 def signers_from_args(args: argparse.Namespace, *, seeds: bool = True) -> dict[str, AccountSigner]:
@@ -94,6 +109,7 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
     if args.backend_timeout <= 0:
         fail("--backend-timeout must be > 0")
     signers = signers_from_args(args)
+    forbidden_keys: frozenset[str] = frozenset()
     if args.operator:
         if missing := sorted((allowed | {args.account}) - signers.keys()):
             fail(f"operator mode: no --account-signer for account(s) {', '.join(missing)}")
@@ -110,6 +126,22 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
                 fail(
                     f"--account-signer {name}: that is the callout account's key; users are"
                     " never placed in the callout account"
+                )
+        # Placement is by key here: the system account is known by its key, or not at all.
+        try:
+            decode_public(args.system_account, KeyKind.ACCOUNT)
+        except KeyError_:
+            fail(
+                "operator mode: --system-account must be the system account's public key"
+                " (A..., the server's `system_account`), so no --account-signer can place"
+                " users in it"
+            )
+        forbidden_keys = frozenset({args.system_account})
+        for name, signer in signers.items():
+            if signer.account in forbidden_keys:
+                fail(
+                    f"--account-signer {name}: that is the system account's key; users are"
+                    " never placed in the system account"
                 )
     elif signers or args.issuer_account:
         fail("--account-signer and --issuer-account are for operator mode (--operator)")
@@ -130,6 +162,8 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
         fail_limit_key=args.fail_limit_key,
         fail_limit_host=args.fail_limit_host,
         fail_window=args.fail_window,
+        forbidden_account_keys=forbidden_keys,
+        allowed_kinds=kinds_from_flag(args.allow_kind),
     )
 
 
@@ -152,7 +186,7 @@ async def _nats_events(
     return {"disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error}
 
 
-async def _revoker(args: argparse.Namespace, user_ttl: float) -> Revoker | None:
+async def _revoker(args: argparse.Namespace, policy: Policy) -> Revoker | None:
     """A system-account connection to kick revoked users' sessions, when one is configured."""
     if not (args.system_nkey_seed_file or args.system_creds):
         log.warning(
@@ -172,7 +206,7 @@ async def _revoker(args: argparse.Namespace, user_ttl: float) -> Revoker | None:
         "system identity",
     )
     nc = await connect(args.nats_url, system, name="callout-revoker", reconnect=True)
-    return Revoker(nc, user_ttl)
+    return Revoker(nc, policy.user_ttl, policy)
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
@@ -198,7 +232,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     timeout = max(policy.backend_timeout, 1.0)
     direct = kvstore.KVStore(nc, args.users_bucket, request_timeout=timeout)
     store: Store = direct
-    revoker = await _revoker(args, policy.user_ttl)
+    revoker = await _revoker(args, policy)
     watched: WatchedStore | None = None
     # Live revocation needs the watch even when lookups do not use it.
     if args.users_cache == "watch" or revoker is not None:
@@ -206,6 +240,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         listeners.append(watched)
         if revoker is not None:
             watched.listeners.append(revoker.record_changed)
+            watched.load_listeners.append(revoker.loaded)
         watched.start()
         if args.users_cache == "watch":
             store = watched
@@ -340,9 +375,9 @@ def add_policy_flags(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
     add(
         p,
         "--user-ttl",
-        type=non_negative_float,
+        type=bounded_seconds(0, MAX_USER_TTL, zero=True),
         default=default("user_ttl"),
-        help="user JWT life (0: none)",
+        help="user JWT life, seconds (0: none; at most 10 years)",
     )
     add(
         p,
@@ -379,7 +414,7 @@ def add_policy_flags(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
         p,
         "--system-account",
         default=default("system_account"),
-        help="the system account; never placed into",
+        help="the system account (operator mode: its public key); never placed into",
     )
     add(
         p,
@@ -398,9 +433,16 @@ def add_policy_flags(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
     add(
         p,
         "--fail-window",
-        type=positive_float,
+        type=bounded_seconds(0, MAX_FAIL_WINDOW),
         default=default("fail_window"),
-        help="failure window, seconds",
+        help="failure window, seconds (at most a day)",
+    )
+    add(
+        p,
+        "--allow-kind",
+        action="append",
+        metavar="KIND[,KIND]",
+        help="connection kinds admitted: client, leafnode (default: client); repeatable",
     )
 
 

@@ -26,10 +26,12 @@ from callout.commands.common import (
 from callout.config import add, replicas
 from callout.records import (
     Permissions,
+    RecordError,
     Rules,
     UserRecord,
     account_problem,
     dump_record,
+    parse_record,
     subject_problem,
 )
 from callout.store import StoreError
@@ -122,12 +124,12 @@ async def _revoke(
             return 1
         value, revision = entry
         try:
+            parse_record(value)
             doc = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            doc = None
-        if not isinstance(doc, dict):
-            # An unreadable record already denies; replace it with a revoked one for the audit.
-            doc = {"name": "", "invalid_record_replaced": True}
+        except RecordError:
+            # An unreadable record already denies; replace it with a valid revoked one, so
+            # the revocation is what the record says (the old value stays in the history).
+            doc = {"name": "", "meta": {"invalid_record_replaced": True}}
         doc["revoked"] = True
         # Read by the service's live revocation: true leaves the user's live connections be.
         doc["keep_sessions"] = keep_sessions

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 from nats.js.kv import KeyValue
 
-from callout.store.base import StoreError
+from callout.store.base import TOMBSTONE, StoreError, Tombstone
 
 # JetStream API error codes (nats-server server/errors.json).
 _NO_MESSAGE = 10037  # JSNoMessageFoundErr
@@ -114,11 +114,17 @@ class KVStore:
         self._timeout = request_timeout
 
     async def get(self, key: str) -> bytes | None:
-        entry = await self.get_entry(key)
-        return None if entry is None else entry[0]
+        """The record, `TOMBSTONE` when the key's last message is a delete marker, None when
+        the key has no message at all."""
+        entry = await self._last(key)
+        return entry[0] if isinstance(entry, tuple) else entry
 
     async def get_entry(self, key: str) -> tuple[bytes, int] | None:
         """(value, revision) of `key`, None when it has no live value."""
+        entry = await self._last(key)
+        return entry if isinstance(entry, tuple) else None
+
+    async def _last(self, key: str) -> tuple[bytes, int] | Tombstone | None:
         request = orjson.dumps({"last_by_subj": self._subject_prefix + key})
         doc = await js_request(self._nc, self._api, request, self._timeout)
         error = doc.get("error")
@@ -134,7 +140,7 @@ class KVStore:
         if not isinstance(message, dict):
             raise StoreError("JetStream answer has no message")
         if _deleted(message.get("hdrs")):
-            return None
+            return TOMBSTONE
         seq = message.get("seq")
         try:
             value = base64.b64decode(message.get("data") or "")

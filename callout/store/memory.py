@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from callout.store.base import StoreError
+from callout.store.base import TOMBSTONE, StoreError
 
 
 @dataclass
 class MemoryStore:
     records: dict[str, bytes] = field(default_factory=dict)
+    # Keys whose last write was a delete (answered TOMBSTONE while they have no record).
+    deleted: set[str] = field(default_factory=set)
     # Fault switches: raise StoreError, or wait this long before answering.
     error: str | None = None
     delay: float = 0.0
@@ -22,4 +24,7 @@ class MemoryStore:
             await asyncio.sleep(self.delay)
         if self.error is not None:
             raise StoreError(self.error)
-        return self.records.get(key)
+        value = self.records.get(key)
+        if value is None and key in self.deleted:
+            return TOMBSTONE
+        return value

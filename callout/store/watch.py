@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import nats.errors
@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from callout import log
-from callout.store.base import StoreError
+from callout.store.base import TOMBSTONE, StoreError
 from callout.store.kv import KVStore, is_delete, stream_name
 
 
@@ -99,12 +99,17 @@ class WatchedStore:
         # Called with (key, old value, new value) for every change after the first load
         # (live revocation). Must not block.
         self.listeners: list[Callable[[str, bytes | None, bytes | None], None]] = []
+        # Called with the whole loaded copy (key -> record) after every load, the first
+        # included, before the copy answers (live revocation reconciles its ledger). Must not
+        # block.
+        self.load_listeners: list[Callable[[Mapping[str, bytes]], None]] = []
         self._last_live: dict[str, bytes] | None = None
 
     # -- Store --------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
         if self._live and time.monotonic() - self._verified_at <= self._max_unverified:
-            return self._records.get(key)
+            value = self._records.get(key)
+            return TOMBSTONE if value is None and key in self._deleted else value
         return await self._direct.get(key)
 
     @property
@@ -249,6 +254,11 @@ class WatchedStore:
                 for key in previous.keys() | records.keys():
                     if previous.get(key) != records.get(key):
                         self._notify(key, previous.get(key), records.get(key))
+            for load_listener in self.load_listeners:
+                try:
+                    load_listener(records)
+                except Exception as exc:  # a listener's bug must not stop the watch
+                    log.error("users_cache_listener_error", exception=type(exc).__name__)
             self._records = records
             # Writes that landed during the load are on their way; the next probe checks them.
             probe = await self._probe()

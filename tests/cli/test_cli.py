@@ -487,6 +487,42 @@ def test_serve_refuses_a_user_mistake_with_one_line(
         assert seed not in line
 
 
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        # nan issued JWTs with no exp; inf made every admit fail; a window of inf never lets a
+        # throttled client recover.
+        ({"user_ttl": "nan"}, {}, "--user-ttl"),
+        ({"user_ttl": "inf"}, {}, "--user-ttl"),
+        ({"user_ttl": "1e300"}, {}, "--user-ttl"),
+        ({"fail_window": "inf"}, {}, "--fail-window"),
+        ({"fail_window": "nan"}, {}, "--fail-window"),
+        ({"backend_timeout": "nan"}, {}, "--backend-timeout"),
+        # Environment values skipped argparse's checks: "soft " ran as enforce, "bogus" turned
+        # the cache off, any word but a true one was false, a bad number was a traceback.
+        ({}, {"CALLOUT_MODE": "soft "}, "CALLOUT_MODE"),
+        ({}, {"CALLOUT_MODE": "Soft"}, "CALLOUT_MODE"),
+        ({}, {"CALLOUT_USERS_CACHE": "bogus"}, "CALLOUT_USERS_CACHE"),
+        ({}, {"CALLOUT_LOG_LEVEL": "verbose"}, "CALLOUT_LOG_LEVEL"),
+        ({}, {"CALLOUT_OPERATOR": "ture"}, "CALLOUT_OPERATOR"),
+        ({}, {"CALLOUT_USER_TTL": "-1"}, "CALLOUT_USER_TTL"),
+        ({}, {"CALLOUT_USER_TTL": "inf"}, "CALLOUT_USER_TTL"),
+        ({}, {"CALLOUT_FAIL_WINDOW": " 10"}, "CALLOUT_FAIL_WINDOW"),
+        ({}, {"CALLOUT_INTERNAL_KEY": "UABC,,UDEF"}, "CALLOUT_INTERNAL_KEY"),
+        ({}, {"CALLOUT_ALLOW_KIND": "client,router"}, "--allow-kind"),
+        ({"allow_kind": "client,gateway"}, {}, "--allow-kind"),
+        ({"default_permissions": '{"publish": {"allow": ["a.>"]}}'}, {}, "--default-permissions"),
+    ],
+)
+def test_flags_and_environment_are_refused_at_start_with_one_line(
+    flags: dict[str, str], env: dict[str, str], named: str, keys: Keys, tmp_path: Path
+) -> None:
+    files = seed_files(keys, tmp_path / "seeds")
+    url = f"nats://127.0.0.1:{free_port()}"  # never reached
+    line = one_line_error(cli(*_serve_with(files, url, **flags), env=env))
+    assert named in line
+
+
 def test_serve_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: Path) -> None:
     files = seed_files(keys, tmp_path / "seeds")
     port = free_port()  # nobody listens here

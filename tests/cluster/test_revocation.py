@@ -20,7 +20,7 @@ from tests.cluster.cluster import (
     start_replicas,
 )
 from tests.harness import Keys, new_user, raw_connect
-from tests.lifecycle.test_revocation import closed
+from tests.lifecycle.conftest import closed
 from tests.service import record, run_cli, seed_files, users_bucket, write_seed
 
 pytestmark = pytest.mark.slow

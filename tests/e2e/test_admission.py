@@ -291,6 +291,25 @@ async def test_malformed_record_denied(
         await expect_denied(dep, seed, "record_invalid")
 
 
+async def test_misspelt_or_repeated_record_keys_deny_and_never_admit_unrestricted(
+    nats_server: ServerFactory, keys: Keys
+) -> None:
+    """Each of these was admitted with no limits: the unknown key was ignored, so the lists
+    came out empty (unrestricted), or the second of two `revoked` keys won."""
+    server = nats_server()
+    values = [
+        b'{"name": "x", "permissions": {"publish": {"allow": ["a.>"]}}}',  # the server's spelling
+        b'{"name": "x", "permissions": {"pub": {"Allow": ["a.>"]}}}',
+        b'{"name": "x", "Revoked": true}',
+        b'{"name": "x", "revoked": true, "revoked": false}',
+    ]
+    async with deployment(server, keys) as dep:
+        for value in values:
+            seed, pub = new_user()
+            await dep.put(pub, value)
+            await expect_denied(dep, seed, "record_invalid")
+
+
 @pytest.mark.parametrize("account", ["SYS", "AUTH"])
 async def test_record_naming_system_or_callout_account_denied_even_if_allowed(
     nats_server: ServerFactory, keys: Keys, account: str

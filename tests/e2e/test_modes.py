@@ -105,6 +105,30 @@ async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
             await expect_denied(dep, known_seed, "store_unavailable")
 
 
+async def test_soft_mode_denies_a_deleted_record(nats_server: ServerFactory, keys: Keys) -> None:
+    """A restricted user whose record is deleted was admitted `would_deny` with the default
+    permissions (unrestricted by default): deleting a user widened its access."""
+    server = nats_server()
+    seed, pub = new_user()
+    async with deployment(server, keys, mode="soft") as dep:
+        await dep.put(pub, record("narrow", pub_allow=[USER_INFO], sub_allow=["_INBOX.>"]))
+        nc = await nats_connect(server.url, seed)
+        try:
+            assert (await user_info(nc))["user"] == "narrow"
+        finally:
+            await nc.close()
+        kv = await dep.admin.jetstream().key_value("users")
+        await kv.delete(pub)
+        await expect_denied(dep, seed, "unknown_user")
+        await kv.put(pub, record("narrow", pub_allow=[USER_INFO]))
+        await kv.purge(pub)
+        await expect_denied(dep, seed, "unknown_user")
+        # A key that never had a record is still admitted with the defaults.
+        stranger_seed, _ = new_user()
+        nc = await nats_connect(server.url, stranger_seed)
+        await nc.close()
+
+
 async def test_user_ttl_expiry_closes_the_connection(
     nats_server: ServerFactory, keys: Keys
 ) -> None:

@@ -37,10 +37,17 @@ from tests.harness import new_user
 
 
 async def connect_from(
-    port: int, source: str, seed: str, *, claim: str | None = None, timeout: float = 5.0
+    port: int,
+    source: str,
+    seed: str,
+    *,
+    claim: str | None = None,
+    bare: bool = False,
+    timeout: float = 5.0,
 ) -> tuple[bool, float]:
     """One nkey CONNECT to 127.0.0.1:`port` from `source`; (admitted, seconds from CONNECT to
-    the server's PONG or -ERR). `claim`: the key named in CONNECT, when not the signer's."""
+    the server's PONG or -ERR). `claim`: the key named in CONNECT, when not the signer's;
+    `bare`: a CONNECT with no credentials at all (`seed` unused)."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), timeout
     )
@@ -50,6 +57,8 @@ async def connect_from(
         sig = base64.urlsafe_b64encode(kp.sign(info["nonce"].encode())).rstrip(b"=").decode()
         connect = {"verbose": False, "pedantic": False, "protocol": 1, "lang": "badclients",
                    "nkey": claim or kp.public_key.decode(), "sig": sig}  # fmt: skip
+        if bare:
+            connect = {"verbose": False, "pedantic": False, "protocol": 1}
         start = time.monotonic()
         writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
         while True:

@@ -1,11 +1,13 @@
 """Replayed requests, over the wire: a bystander in the callout account captures a real
 authorization request (payload and headers) and publishes it again, by request/reply, from an
 account that imports `$SYS.REQ.USER.AUTH` (no callout-account user may publish there,
-protocol.md §3 #16). The answer is decoded: a signed error `replay`, or a user JWT.
+protocol.md §3 #16). A replay is dropped: no reply at all (were the server still listening
+on that inbox, a second reply could disconnect the client the first one admitted), a
+`decision` log line with reason `replay`, and the drop counted.
 
 - with `--replay-bucket`, the replica that answered is stopped and the copy goes to the other
-  one, which has never seen it: denied `replay` from the shared record;
-- without the bucket, the copy to the same replica is denied `replay` from its memory; to
+  one, which has never seen it: dropped as `replay` from the shared record;
+- without the bucket, the copy to the same replica is dropped as `replay` from its memory; to
   another replica it is admitted (the gap the bucket closes; the JWT is addressed to the
   request's `user_nkey`, a key only the server ever held, so it lets nobody in);
 - an internal key is admitted while the replay bucket is deleted; everyone else is denied
@@ -18,7 +20,6 @@ published after `exp` would be dropped as expired instead of being judged a repl
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from tests.conftest import ServerFactory
 from tests.e2e.test_admission import jwt_claims
 from tests.faults.rig import FAULT_FLAGS, Rig, rig
 from tests.faults.scenario import (
-    Outcome,
     Tally,
     eventually,
     importer_accounts,
@@ -63,17 +63,34 @@ async def capture(nc: Client) -> list[Msg]:
     return seen
 
 
-async def replay(replayer: Client, original: Msg, tally: Tally) -> dict[str, Any]:
-    """Publish the captured request again; the decoded response claims. Tallied: a replay
-    must be denied, with our answer, within the deny bound."""
-    headers = dict(original.headers or {})
-    start = time.monotonic()
-    reply = await replayer.request(AUTH_SUBJECT, original.data, timeout=3, headers=headers)
-    elapsed = time.monotonic() - start
-    claims = jwt_claims(reply.data)
-    nats = claims["nats"]
-    tally.add(Outcome("replayed", "jwt" in nats, nats.get("error", "admit"), elapsed))
-    return claims
+async def replay(
+    replayer: Client, original: Msg, svc: Subprocess, drops_before: int
+) -> dict[str, Any] | None:
+    """Publish the captured request again to `svc` (the only replica left); the decoded
+    response claims, or None when the service dropped it. No reply is proven, not waited
+    out: once the service has logged its decision, a garbage request is sent too, and the
+    answer to it (the empty body) comes after any reply to the copy, since both come from the
+    service's one connection to the one subscriber."""
+    inbox = replayer.new_inbox()
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.put_nowait(msg)
+
+    sub = await replayer.subscribe(f"{inbox}.*", cb=on_reply)
+    try:
+        headers = dict(original.headers or {})
+        await replayer.publish(AUTH_SUBJECT, original.data, reply=f"{inbox}.copy", headers=headers)
+        await eventually(lambda: len(svc.events("decision")) > drops_before)
+        await replayer.publish(AUTH_SUBJECT, b"garbage", reply=f"{inbox}.probe")
+        first = await asyncio.wait_for(replies.get(), 5)
+        if first.subject.endswith(".probe"):
+            assert first.data == b""
+            return None
+        assert (await asyncio.wait_for(replies.get(), 5)).subject.endswith(".probe")
+        return jwt_claims(first.data)
+    finally:
+        await sub.unsubscribe()
 
 
 async def serve(r: Rig, *extra: str) -> Subprocess:
@@ -106,24 +123,24 @@ async def test_replayed_to_the_other_replica(
             (original,) = seen
             # Only the other replica is left to take the copy.
             assert await asyncio.to_thread(answered.terminate) == 0
-            claims = await replay(replayer, original, tally)
-            await eventually(lambda: bool(decided(other, known)))
+            claims = await replay(replayer, original, other, len(other.events("decision")))
             (decision,) = decided(other, known)
         finally:
             await replayer.close()
             for svc in replicas:
                 svc.kill()
     original_claims = jwt_claims(original.data)
-    assert claims["sub"] == original_claims["nats"]["user_nkey"]
-    assert claims["aud"] == original_claims["nats"]["server_id"]["id"]
     if bucket:
-        assert claims["nats"] == {"error": "replay", "type": "authorization_response", "version": 2}
-        assert decision["reason"] == "replay" and "shared replay record" in decision["detail"]
+        assert claims is None  # dropped: no reply at all
+        assert decision["reason"] == "replay" and decision["decision"] == "drop"
+        assert "shared replay record" in decision["detail"]
         tally.check()
     else:
         # The documented gap: this replica has never seen the request. Not a fault case.
+        assert claims is not None
+        assert claims["sub"] == original_claims["nats"]["user_nkey"]
+        assert claims["aud"] == original_claims["nats"]["server_id"]["id"]
         assert "jwt" in claims["nats"] and decision["reason"] == "admit"
-        tally.outcomes = [o for o in tally.outcomes if o.role != "replayed"]
         user = jwt_claims(claims["nats"]["jwt"])
         assert user["sub"] == original_claims["nats"]["user_nkey"] != known
 
@@ -145,12 +162,13 @@ async def test_replayed_to_the_same_replica_without_the_bucket(
             originals = list(seen)  # the bystander sees the copies too
             assert len(originals) == 2
             for original in originals:
-                claims = await replay(replayer, original, tally)
-                assert claims["nats"]["error"] == "replay"
+                before = len(svc.events("decision"))
+                assert await replay(replayer, original, svc, before) is None
         finally:
             await replayer.close()
         replays = [d for d in svc.events("decision") if d["reason"] == "replay"]
-        assert len(replays) == 2 and all("answered before" in d["detail"] for d in replays)
+        assert len(replays) == 2 and all("seen before" in d["detail"] for d in replays)
+        assert all(d["decision"] == "drop" for d in replays)
         tally.check()
 
 

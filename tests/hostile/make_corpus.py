@@ -725,8 +725,8 @@ def time_cases() -> Iterator[Spec]:
     g = "time"
     now = int(NOW)
     for name, text, exp in (
-        ("expired_5s", "exp 5 s before now", now - 5),
-        ("expired_past_leeway", "exp 1.25 s before now (leeway is 1 s)", now - 1),
+        ("expired_60s", "exp 60 s before now", now - 60),
+        ("expired_past_leeway", "exp 31.25 s before now (leeway for clock skew is 30 s)", now - 31),
         ("expired_epoch", "exp 0", 0),
         ("expired_negative", "exp -1", -1),
     ):
@@ -953,6 +953,14 @@ def user_nkey_cases() -> Iterator[Spec]:
 
 def client_cases() -> Iterator[Spec]:
     g = "client"
+    for name, text, kind in (
+        ("kind_leafnode", "client_info.kind Leafnode (a leafnode on a user's key)", "Leafnode"),
+        ("kind_router", "client_info.kind Router", "Router"),
+        ("kind_lowercase", "client_info.kind 'client' (not the server's spelling)", "client"),
+        ("kind_missing", "no client_info.kind", DELETE),
+        ("kind_int", "client_info.kind is a number", 1),
+    ):
+        yield plain(name, g, text, d.KIND_NOT_ALLOWED, {"nats": {"client_info": {"kind": kind}}})
     yield plain(
         "no_nkey_user_password",
         g,
@@ -1325,7 +1333,7 @@ def xkey_cases() -> Iterator[Spec]:
     yield sealed(
         "sealed_exp_string", g, "sealed; exp is a string", d.MALFORMED, {"exp": str(int(NOW) + 2)}
     )
-    yield sealed("sealed_expired", g, "sealed; exp 5 s ago", d.EXPIRED, {"exp": int(NOW) - 5})
+    yield sealed("sealed_expired", g, "sealed; exp 60 s ago", d.EXPIRED, {"exp": int(NOW) - 60})
     yield sealed(
         "sealed_record_account_sys",
         g,
@@ -1416,7 +1424,34 @@ def record_cases() -> Iterator[Spec]:
         ("record_not_json", "not JSON", "name=alice"),
         ("record_json_list", "a JSON list", "[]"),
         ("record_deep_nesting", "permissions nested 2,000 objects deep", deep),
-        ("record_oversize", "70 kB", json.dumps({**GOOD_RECORD, "name": "x", "pad": "p" * 70_000})),
+        (
+            "record_oversize",
+            "70 kB",
+            json.dumps({**GOOD_RECORD, "name": "x", "meta": {"pad": "p" * 70_000}}),
+        ),
+        # An ignored key reads as "no restriction": the schema is closed.
+        (
+            "record_unknown_key_publish",
+            "permissions.publish (nats-server's spelling) instead of pub",
+            {**GOOD_RECORD, "permissions": {"publish": {"allow": ["orders.>"]}}},
+        ),
+        (
+            "record_unknown_key_allow_case",
+            "permissions.pub.Allow",
+            {**GOOD_RECORD, "permissions": {"pub": {"Allow": ["orders.>"]}}},
+        ),
+        ("record_unknown_key_revoked_case", "Revoked: true", {**GOOD_RECORD, "Revoked": True}),
+        ("record_unknown_top_level_key", "an unknown key 'email'", {**GOOD_RECORD, "email": "x"}),
+        (
+            "record_duplicate_revoked",
+            "revoked given twice (true, then false)",
+            '{"name": "x", "revoked": true, "revoked": false}',
+        ),
+        (
+            "record_duplicate_allow",
+            "pub.allow given twice",
+            '{"permissions": {"pub": {"allow": ["orders.new"], "allow": []}}}',
+        ),
     )
     for name, text, bad in invalid:
         yield plain(name, g, f"valid request; record {text}", d.RECORD_INVALID, record=bad)

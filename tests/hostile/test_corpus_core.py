@@ -89,7 +89,7 @@ def test_the_corpus_covers_what_the_issue_lists() -> None:
         "typ_lowercase",
         "aud_response",
         "iss_other_server",
-        "expired_5s",
+        "expired_60s",
         "not_yet_valid_60s",
         "deep_nesting_100k_arrays",
         "deep_nesting_40k_arrays",
@@ -113,6 +113,9 @@ def test_the_corpus_covers_what_the_issue_lists() -> None:
         "record_sub_queue_group",
         "record_account_sys",
         "record_account_callout",
+        "record_unknown_key_publish",
+        "record_duplicate_revoked",
+        "kind_leafnode",
     }
     assert required <= names, sorted(required - names)
     # Every deny reason a hostile request or record can earn is reached at least once.
@@ -131,6 +134,7 @@ def test_the_corpus_covers_what_the_issue_lists() -> None:
         d.BAD_NKEY,
         d.NO_SIGNATURE,
         d.BAD_SIGNATURE,
+        d.KIND_NOT_ALLOWED,
         d.RECORD_INVALID,
         d.ACCOUNT_NOT_ALLOWED,
     }

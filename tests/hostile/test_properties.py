@@ -55,6 +55,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 NOW = mc.NOW
+SKEW = 30
 BASE = mc.request("property base")
 BASE_XKEY = mc.request("property base xkey", xkey=True)
 RECORD = json.dumps(mc.GOOD_RECORD).encode()
@@ -78,14 +79,16 @@ OTHER_CLIENT = mc.client_key("property other client")
 NEAR_MISSES: dict[tuple[str, ...], list[Any]] = {
     ("iss",): [mc.OTHER_SERVER.public, mc.KEYS["issuer_pub"], mc.SERVER.public],
     ("aud",): ["nats-authorization-response", "nats-authorization-request", ""],
-    ("exp",): [int(NOW) + k for k in (-3, -2, -1, 0, 1, 60)] + [float(int(NOW) + 2), "1"],
-    ("nbf",): [int(NOW) + k for k in (-60, 0, 1, 2, 60)] + [str(int(NOW) + 60)],
+    ("exp",): [int(NOW) + k for k in (-60, -31, -30, -3, -1, 0, 1, 60)]
+    + [float(int(NOW) + 2), "1"],
+    ("nbf",): [int(NOW) + k for k in (-60, 0, 1, 2, 30, 31, 60)] + [str(int(NOW) + 60)],
     ("nats", "type"): ["authorization_response", "user", "authorization_request"],
     ("nats", "version"): [1, 2, 2.0, 3, "2", True],
     ("nats", "server_id", "id"): [mc.OTHER_SERVER.public, mc.SERVER.public],
     ("nats", "server_id", "xkey"): [mc.SERVER.xkey_public, mc.OTHER_SERVER.xkey_public],
     ("nats", "user_nkey"): [OTHER_CLIENT.public, mc.SERVER.public, mc.user_public("p")],
     ("nats", "client_info", "nonce"): [mc.nonce_for("p"), "", BASE.nonce + "x"],
+    ("nats", "client_info", "kind"): ["Leafnode", "client", "Client", "Router"],
     ("nats", "connect_opts", "nkey"): [OTHER_CLIENT.public, mc.KEYS["issuer_pub"], ""],
     ("nats", "connect_opts", "sig"): [
         OTHER_CLIENT.sign(BASE.nonce),
@@ -216,13 +219,16 @@ def valid(payload: bytes, headers: dict[str, str] | None, xkey: bool) -> bool:
         nats.get("type") == "authorization_request",
         _int(nats.get("version")) and nats.get("version") == 2,
         isinstance(server.get("id"), str) and server.get("id") == claims.get("iss"),
-        _int(exp) and NOW <= exp + 1,
-        nbf is None or (_int(nbf) and nbf <= NOW + 1),
+        # Clock skew between the server and us is tolerated up to 30 s either way.
+        _int(exp) and NOW <= exp + SKEW,
+        nbf is None or (_int(nbf) and nbf <= NOW + SKEW),
         # Typed as nats-io/jwt decodes them (the service reads them for its log).
         isinstance(client_info.get("host", ""), str),
         _int(client_info.get("id", 0)),
         isinstance(connect_opts.get("name", ""), str),
         _key(nats.get("user_nkey"), nkeys.PREFIX_BYTE_USER) is not None,
+        # Only clients, as the server spells the kind (leafnodes need --allow-kind).
+        client_info.get("kind") == "Client",
     ]
     if xkey:
         checks.append(server.get("xkey") == (headers or {}).get(forge.XKEY_HEADER))
@@ -257,6 +263,7 @@ def meaning(claims: dict[str, Any]) -> str:
         "server": sections["server_id"].get("id"),
         "xkey": sections["server_id"].get("xkey"),
         "user_nkey": nats.get("user_nkey"),
+        "kind": sections["client_info"].get("kind"),
         "nkey": sections["connect_opts"].get("nkey"),
         "sig": decoded.hex() if decoded is not None else sig,
         "nonce": sections["client_info"].get("nonce"),

@@ -141,7 +141,7 @@ async def test_import_jsonl_writes_complete_records_and_a_second_run_is_all_unch
         env.tmp / "users.jsonl",
         [
             {"key": a.lower(), "name": "alice", "permissions": {"pub": {"allow": ["orders.>"]}}},
-            {"key": b, "admin": True, "account": "APP", "owner": "crm"},
+            {"key": b, "admin": True, "account": "APP", "meta": {"owner": "crm"}},
             {"key": c, "revoked": True},
         ],
     )
@@ -156,7 +156,7 @@ async def test_import_jsonl_writes_complete_records_and_a_second_run_is_all_unch
         "name": "alice", "admin": False, "revoked": False, "account": None,
         "permissions": perms(pub=["orders.>"]),
     }  # fmt: skip
-    assert stored[b]["admin"] is True and stored[b]["owner"] == "crm"
+    assert stored[b]["admin"] is True and stored[b]["meta"] == {"owner": "crm"}
     assert stored[c]["revoked"] is True and COMPLETE <= set(stored[c])
 
     before = await env.state()
@@ -273,8 +273,8 @@ async def test_dry_run_writes_nothing_not_even_the_bucket(env: Env) -> None:
 async def test_a_different_record_is_kept_unless_overwrite(env: Env) -> None:
     a, b, c = (new_user()[1] for _ in range(3))
     kv = await users_bucket(env.nc)
-    # a differs (and carries a field of the control plane's own); b is the same record.
-    await kv.put(a, orjson.dumps({"name": "old", "owner": "crm"}))
+    # a differs (and carries data of the control plane's own); b is the same record.
+    await kv.put(a, orjson.dumps({"name": "old", "meta": {"owner": "crm"}}))
     await kv.put(b, record("bob"))
     path = write_jsonl(
         env.tmp / "u.jsonl",
@@ -286,7 +286,7 @@ async def test_a_different_record_is_kept_unless_overwrite(env: Env) -> None:
     assert counts(doc) == {"added": 1, "unchanged": 1, "conflicting": 1}
     assert doc["conflicts"] == [{"key": a, "line": 1, "reason": "a different record exists"}]
     assert f"line 1: {a}: conflicting" in result.stderr and "--overwrite" in result.stderr
-    assert (await kv.get(a)).value == orjson.dumps({"name": "old", "owner": "crm"})
+    assert (await kv.get(a)).value == orjson.dumps({"name": "old", "meta": {"owner": "crm"}})
     assert set(await env.docs()) == {a, b, c}
 
     replaced = await env.cli("import", "--overwrite", str(path))
@@ -294,7 +294,8 @@ async def test_a_different_record_is_kept_unless_overwrite(env: Env) -> None:
     assert counts(summary(replaced)) == {"overwritten": 1, "unchanged": 2}
     stored = (await env.docs())[a]
     # The input's record, with the field the input does not mention kept.
-    assert stored["name"] == "new" and stored["owner"] == "crm" and COMPLETE <= set(stored)
+    assert stored["name"] == "new" and stored["meta"] == {"owner": "crm"}
+    assert COMPLETE <= set(stored)
 
     again = await env.cli("import", str(path))
     assert again.returncode == 0, again.stderr
@@ -434,7 +435,7 @@ async def test_export_round_trips_through_import(env: Env) -> None:
     assert (await env.cli("add", b, "--name", "bob")).returncode == 0
     assert (await env.cli("revoke", b)).returncode == 0
     kv = await users_bucket(env.nc)
-    await kv.put(c, orjson.dumps({"name": "carol", "owner": "crm"}))  # defaults left out
+    await kv.put(c, orjson.dumps({"name": "carol", "meta": {"owner": "crm"}}))  # defaults left out
     await kv.put(gone, record("deleted"))
     await kv.delete(gone)
 
@@ -443,7 +444,7 @@ async def test_export_round_trips_through_import(env: Env) -> None:
     lines = [json.loads(line) for line in exported.stdout.splitlines()]
     assert [line["key"] for line in lines] == sorted([a, b, c])
     by_key = {line.pop("key"): line for line in lines}
-    assert by_key[c] == {"name": "carol", "owner": "crm"}  # as stored
+    assert by_key[c] == {"name": "carol", "meta": {"owner": "crm"}}  # as stored
     assert by_key[b]["revoked"] is True
     dump = env.tmp / "export.jsonl"
     dump.write_text(exported.stdout)

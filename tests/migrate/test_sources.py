@@ -43,7 +43,7 @@ def test_jsonl_rows_become_complete_records_under_upper_case_keys() -> None:
     got = migrate.collect(
         migrate.read_jsonl(
             jsonl(
-                {"key": a.lower(), "name": "alice", "owner": "cp"},
+                {"key": a.lower(), "name": "alice", "meta": {"owner": "cp"}},
                 "",  # blank lines are skipped but still counted as lines
                 {"key": f"  {b} ", "admin": True, "permissions": {"sub": {"allow": ["x.>"]}}},
             )
@@ -53,16 +53,16 @@ def test_jsonl_rows_become_complete_records_under_upper_case_keys() -> None:
     assert list(got.items) == [a, b]
     assert got.items[a].at == ("line", 1) and got.items[b].at == ("line", 3)
     alice = orjson.loads(got.items[a].value)
-    # Every record field explicit, the unknown field kept after them, no "key" inside.
+    # Every record field explicit, meta kept after them, no "key" inside.
     assert alice == {
         "name": "alice",
         "admin": False,
         "revoked": False,
         "account": None,
         "permissions": {"pub": {"allow": [], "deny": []}, "sub": {"allow": [], "deny": []}},
-        "owner": "cp",
+        "meta": {"owner": "cp"},
     }
-    assert list(alice)[-1] == "owner"
+    assert list(alice)[-1] == "meta"
     assert parse_record(got.items[b].value).permissions.sub.allow == ("x.>",)
     assert parse_record(got.items[b].value).admin is True
 
@@ -86,13 +86,21 @@ def test_jsonl_invalid_rows_are_reported_by_line_and_duplicates_too() -> None:
                 # record with every default (an unrestricted user).
                 {"key": e, "invalid_record": "garbage"},
                 {"key": new_user()[0]},  # a seed pasted where the key goes
+                # Read exactly as the service reads a record: a misspelt restriction would
+                # import as an unrestricted user, and a repeated key hides one of its values.
+                {"key": new_user()[1], "permissions": {"publish": {"allow": ["a.>"]}}},
+                {"key": new_user()[1], "Revoked": True},
+                f'{{"key": "{new_user()[1]}", "revoked": true, "revoked": false}}',
             )
         )
     )
     assert list(got.items) == [a]
     found = problems(got)
-    assert set(found) == {("line", n) for n in range(2, 13)}
-    assert found[("line", 2)].startswith("not JSON")
+    assert set(found) == {("line", n) for n in range(2, 16)}
+    assert found[("line", 2)] == "the line is not JSON"
+    assert "unknown field 'permissions.publish'" in found[("line", 13)]
+    assert "unknown field 'Revoked'" in found[("line", 14)]
+    assert "the key 'revoked' twice" in found[("line", 15)]
     assert found[("line", 3)] == "not a JSON object"
     assert found[("line", 4)] == "key is missing"
     assert "invalid user public key 'UNOTAKEY'" in found[("line", 5)]
@@ -227,6 +235,27 @@ def test_sqlite_default_columns_types_and_rowids(tmp_path: Path) -> None:
         ("rowid", 15): "key must be text, not int",
         ("rowid", 16): "duplicate key (first at rowid 10)",
     }
+
+
+def test_sqlite_permissions_are_read_as_strictly_as_the_service_reads_them(
+    tmp_path: Path,
+) -> None:
+    a, b, c = pubs(3)
+    path = make_db(
+        tmp_path / "u.db",
+        "CREATE TABLE users (key TEXT, permissions TEXT)",
+        [
+            (a, '{"publish": {"allow": ["orders.>"]}}'),  # nats-server's spelling
+            (b, '{"pub": {"Allow": ["orders.>"]}}'),
+            (c, '{"pub": {"allow": ["orders.>"]}, "pub": {}}'),
+        ],
+    )
+    got = migrate.collect(migrate.SqliteSource(str(path), "users", {}))
+    # Each was stored before as an unrestricted user, with no warning.
+    assert got.items == {}
+    assert "unknown field 'permissions.publish'" in problems(got)[("rowid", 1)]
+    assert "unknown field 'permissions.pub.Allow'" in problems(got)[("rowid", 2)]
+    assert "the key 'pub' twice" in problems(got)[("rowid", 3)]
 
 
 def test_sqlite_flags_name_the_columns_and_identifiers_are_quoted(tmp_path: Path) -> None:

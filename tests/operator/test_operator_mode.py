@@ -94,6 +94,7 @@ class Deployment:
             "--issuer-seed-file", str(self.files[issuer]),
             "--account", "APP",
             "--account-signer", f"APP:{self.trust.app.pub}:{self.files[signer]}",
+            "--system-account", self.trust.sys.pub,
         ]  # fmt: skip
         if xkey:
             args += ["--xkey-seed-file", str(self.files["xkey"])]
@@ -333,7 +334,7 @@ def test_serve_refuses_an_allowed_account_without_a_signer(tmp_path: Path) -> No
     app = write_secret(tmp_path / "app.nk", trust.app.seed)
     base = [
         "serve", "--nats-url", "nats://127.0.0.1:1", "--creds", str(creds),
-        "--issuer-seed-file", str(auth), "--account", "APP",
+        "--issuer-seed-file", str(auth), "--account", "APP", "--system-account", trust.sys.pub,
     ]  # fmt: skip
     signer = ["--account-signer", f"APP:{trust.app.pub}:{app}"]
     line = one_line([*base, "--operator", *signer, "--allowed-account", "APP",
@@ -341,6 +342,28 @@ def test_serve_refuses_an_allowed_account_without_a_signer(tmp_path: Path) -> No
     assert "OTHER" in line and "--account-signer" in line
     assert "--operator" in one_line([*base, *signer])
     assert "APP" in one_line([*base, "--operator", "--account-signer", f"APP:{trust.app.pub}"])
+
+
+def test_serve_refuses_a_signer_for_the_system_account_by_key(tmp_path: Path) -> None:
+    """Forbidden accounts were checked by name only: `--account-signer APP:<the system
+    account's key>` would place users in the system account under the name APP."""
+    trust = Trust()
+    creds = write_secret(tmp_path / "s.creds", creds_text(trust.service_jwt(), trust.service.seed))
+    auth = write_secret(tmp_path / "auth.nk", trust.auth.seed)
+    sys_seed = write_secret(tmp_path / "sys.nk", trust.sys.seed)
+    app = write_secret(tmp_path / "app.nk", trust.app.seed)
+    base = [
+        "serve", "--operator", "--nats-url", "nats://127.0.0.1:1", "--creds", str(creds),
+        "--issuer-seed-file", str(auth), "--account", "APP",
+    ]  # fmt: skip
+    line = one_line(
+        [*base, "--system-account", trust.sys.pub,
+         "--account-signer", f"APP:{trust.sys.pub}:{sys_seed}"]
+    )  # fmt: skip
+    assert "--account-signer APP" in line and "system account" in line
+    # Known by its key, or not at all: a name cannot be checked against a signer's key.
+    line = one_line([*base, "--account-signer", f"APP:{trust.app.pub}:{app}"])
+    assert "--system-account" in line and "public key" in line
 
 
 def test_creds_file_readable_by_others_is_refused(tmp_path: Path) -> None:

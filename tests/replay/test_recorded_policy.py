@@ -82,15 +82,18 @@ def test_the_document_round_trips_with_stand_ins_for_every_key() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"allowed_kinds": ["nkey"]}, "policy.allowed_kinds: unknown field"),
+        ({"allow_kinds": ["client"]}, "policy.allow_kinds: unknown field"),
         ({"mode": "lenient"}, "policy.mode: must be 'enforce' or 'soft'"),
         ({"fail_limit_key": True}, "policy.fail_limit_key: must be a non-negative integer"),
         ({"user_ttl": "600"}, "policy.user_ttl: must be a non-negative number"),
         ({"xkeys": [KEYS["xkey_seed"]]}, "policy.xkeys: "),
         ({"internal_keys": ["UNOPE"]}, "policy.internal_keys: "),
         ({"account": ""}, "policy.account: must be a non-empty string"),
-        ({"default_permissions": {"pub": {"alow": []}}}, "policy.default_permissions: unknown"),
-        ({"internal_permissions": {"pubs": {}}}, "policy.internal_permissions: unknown"),
+        (
+            {"default_permissions": {"pub": {"alow": []}}},
+            "unknown field 'policy.default_permissions.pub.alow'",
+        ),
+        ({"internal_permissions": {"pubs": {}}}, "unknown field 'policy.internal_permissions.pubs'"),
         ({"signers": {"APP": {"account": "A"}}}, "policy.signers.APP: must be"),
     ],
 )
@@ -264,12 +267,12 @@ def test_a_policy_line_with_an_unknown_field_stops_the_replay(
     path = write_recording(tmp_path / "rec" / "requests-1.jsonl", PLAIN)
     first, rest = path.read_bytes().split(b"\n", 1)
     doc = orjson.loads(first)
-    doc["policy"]["allowed_kinds"] = ["nkey"]
+    doc["policy"]["allow_kinds"] = ["client"]
     path.write_bytes(orjson.dumps(doc) + b"\n" + rest)
     code = cli.main(["replay", str(path), "--users", str(users_of(tmp_path, PLAIN))])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{path}:1: policy.allowed_kinds: unknown field" in err
+    assert f"{path}:1: policy.allow_kinds: unknown field" in err
 
 
 def test_an_override_that_places_users_in_the_system_account_is_refused(

@@ -267,10 +267,9 @@ def test_same_request_twice_is_a_replay(path: Path) -> None:
     first = run(authorizer, case, case.received_at)
     assert first.reason == case.expect["reason"]
     again = run(authorizer, case, case.received_at + 0.1)
+    # Dropped: an answer could be a second reply to the inbox the first one went to.
     assert again.reason == "replay"
-    assert not again.admit and not again.drop
-    claims = response_claims(case, authorizer.respond(again, now=case.received_at, jitter=0))
-    assert claims["nats"]["error"] == "replay"
+    assert not again.admit and again.drop
 
 
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from callout.store import StoreError
+from callout.store import TOMBSTONE, StoreError
 from callout.store.kv import KVStore
 from callout.store.watch import WatchedStore
 from tests.harness import Keys, nats_connect, new_user
@@ -84,7 +84,7 @@ async def test_revocation_reaches_every_replica_within_100ms(nats_server: Any, k
         await kv.delete(alice)
         for _, store, _ in replicas:
             await until(lambda s=store: alice not in s._records, timeout=2)  # type: ignore[misc]
-            assert await store.get(alice) is None
+            assert await store.get(alice) is TOMBSTONE
     finally:
         for nc, store, _ in replicas:
             await store.stop()
@@ -196,6 +196,61 @@ async def test_disconnect_stops_answering_and_reconnect_reloads(
         server.start()
         await until(lambda: store.live, timeout=15)
         assert await store.get(alice) == record("alice")
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_a_deleted_key_is_a_tombstone_and_a_key_never_written_is_none(
+    nats_server: Any, keys: Keys
+) -> None:
+    """Soft mode admits a key that never had a record, never one that was deleted: both the
+    copy and the direct lookup must tell them apart."""
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    (_, alice), (_, bob), (_, stranger) = new_user(), new_user(), new_user()
+    await kv.put(alice, record("alice"))
+    await kv.put(bob, record("bob"))
+    await kv.delete(alice)
+    await kv.purge(bob)
+    direct = KVStore(nc, "users")
+    store, _ = await watched(nc)
+    try:
+        await until(lambda: store.live)
+        for lookup in (store, direct):
+            assert await lookup.get(alice) is TOMBSTONE
+            assert await lookup.get(bob) is TOMBSTONE
+            assert await lookup.get(stranger) is None
+        assert await direct.get_entry(alice) is None  # `users get` still says "not found"
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_load_listeners_get_every_whole_copy_before_it_answers(
+    nats_server: Any, keys: Keys
+) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    (_, alice), (_, bob) = new_user(), new_user()
+    await kv.put(alice, record("alice"))
+    await kv.put(bob, record("bob"))
+    await kv.delete(bob)
+    direct = CountingStore(nc, "users")
+    store = WatchedStore(nc, "users", direct=direct, probe_interval=0.05, retry_interval=0.1)
+    copies: list[tuple[dict[str, bytes], bool]] = []
+    store.load_listeners.append(lambda copy: copies.append((dict(copy), store.live)))
+    store.start()
+    try:
+        await until(lambda: store.live)
+        # The first load too, and before the copy answered (live still False).
+        assert copies == [({alice: record("alice")}, False)]
+        await kv.put(alice, record("alice", revoked=True))
+        store.reconnected()  # a reload, as after a reconnect
+        await until(lambda: len(copies) == 2 and store.live)
+        assert copies[1] == ({alice: record("alice", revoked=True)}, False)
     finally:
         await store.stop()
         await nc.close()

@@ -241,9 +241,10 @@ SCENARIOS: dict[str, Callable[[], Outcome]] = {
     d.FORGED: _forged,
     d.NOT_FOR_US: lambda: _plain()(overrides={"aud": "nats-authorization-response"}),
     d.WRONG_SERVER: _wrong_server,
-    d.EXPIRED: lambda: _plain()(now=NOW - 10),
+    d.EXPIRED: lambda: _plain()(now=NOW - 60),
     d.NOT_YET_VALID: lambda: _plain()(overrides={"nbf": int(NOW) + 60}),
     d.REPLAY: _replay,
+    d.KIND_NOT_ALLOWED: lambda: _plain()(overrides={"nats": {"client_info": {"kind": "Leafnode"}}}),
     d.THROTTLED: _throttled,
     d.NO_NKEY: lambda: _plain()(client=None),
     d.BAD_NKEY: lambda: _plain()(overrides={"nats": {"connect_opts": {"nkey": new_account()[1]}}}),
@@ -283,7 +284,7 @@ def all_reasons() -> set[str]:
 def test_scenarios_cover_every_reason() -> None:
     # OVERLOADED is the shell's own (load shedding), tested in test_service_shell.py.
     reasons = all_reasons() - {d.OVERLOADED}
-    assert len(reasons) == 26  # sanity: the introspection finds the table of reasons
+    assert len(reasons) == 27  # sanity: the introspection finds the table of reasons
     assert set(SCENARIOS) == reasons
     assert d.ADMIT_REASONS == {d.ADMIT, d.ADMIT_INTERNAL, d.WOULD_DENY}
     assert UNADDRESSABLE <= reasons
@@ -296,7 +297,9 @@ def test_every_reason(reason: str) -> None:
     assert decision.reason == reason, decision
     assert decision.admit == (reason in d.ADMIT_REASONS)
     assert (decision.request is None) == (reason in UNADDRESSABLE)
-    assert decision.drop == (reason == d.EXPIRED)
+    assert decision.drop == (reason in {d.EXPIRED, d.REPLAY})
+    if decision.drop:
+        return
     if decision.request is None:
         assert rig.authorizer.respond(decision, NOW) == b""
         return
@@ -379,6 +382,24 @@ def test_no_exp_when_user_ttl_is_zero() -> None:
     forged = rig.forge()
     user = admitted_user(rig, rig.run(forged, Found(ALICE)), forged, jitter=1.0)
     assert "exp" not in user
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (b'{"permissions": {"publish": {"allow": ["a.>"]}}}', "permissions.publish"),
+        (b'{"permissions": {"pub": {"Allow": ["a.>"]}}}', "permissions.pub.Allow"),
+        (b'{"Revoked": true}', "Revoked"),
+        (b'{"revoked": true, "revoked": false}', "'revoked' twice"),
+    ],
+)
+def test_unknown_or_repeated_record_keys_are_record_invalid_naming_the_field(
+    value: bytes, named: str
+) -> None:
+    for mode in ("enforce", "soft"):
+        rig = make_rig(mode=mode)
+        decision = rig.run(rig.forge(), Found(value))
+        assert decision.reason == d.RECORD_INVALID and named in decision.detail
 
 
 def test_record_account_placement() -> None:
@@ -500,6 +521,7 @@ def test_fail_is_a_deny() -> None:
 # store answers, enforce and soft mode
 # ---------------------------------------------------------------------------------------------
 STILL_DENIED: list[tuple[StoreAnswer, str]] = [
+    (d.Deleted(), d.UNKNOWN_USER),  # soft mode admitted it, with the (unrestricted) defaults
     (Found(record("r", revoked=True)), d.REVOKED),
     (Found(record("r", revoked=True, admin=True)), d.REVOKED),
     (Found(b"not json"), d.RECORD_INVALID),
@@ -527,6 +549,17 @@ def test_unavailable_detail_is_kept_for_the_log() -> None:
     assert decision.detail == "bucket 'users' does not exist"
     invalid = rig.run(rig.forge(), Found(b'{"admin": 1}'))
     assert invalid.reason == d.RECORD_INVALID and "admin" in invalid.detail
+
+
+def test_store_values_map_to_answers_with_deletes_apart() -> None:
+    from callout.store import TOMBSTONE
+
+    assert d.store_answer(None) == Missing()
+    assert d.store_answer(TOMBSTONE) == d.Deleted()
+    assert d.store_answer(b"") == Found(b"")  # an empty value is a record (invalid), not a delete
+    assert d.store_answer(ALICE) == Found(ALICE)
+    decision = make_rig(mode="soft").run(make_rig().forge(), d.Deleted())
+    assert decision.reason != d.WOULD_DENY
 
 
 def test_unknown_user_in_enforce_mode() -> None:
@@ -939,8 +972,9 @@ def test_replay_of_the_same_request() -> None:
     first = rig.run(forged, Found(ALICE))
     assert first.reason == d.ADMIT
     second = rig.run(forged, Found(ALICE), now=NOW + 2)  # still inside exp + leeway
-    assert second.reason == d.REPLAY
-    assert_error_response(rig, second, forged)
+    # Dropped: a signed error to the same inbox could disconnect the client the first admitted.
+    assert second.reason == d.REPLAY and second.drop
+    assert second.request is not None and second.client_key == rig.client.public
     # A new request (new user_nkey) from the same client is fine.
     assert rig.run(rig.forge(), Found(ALICE)).reason == d.ADMIT
 
@@ -1022,21 +1056,49 @@ def test_expiry_boundary_and_drop() -> None:
 
 def test_not_yet_valid() -> None:
     rig = make_rig()
-    assert isinstance(rig.open(rig.forge(overrides={"nbf": int(NOW) + 1})), Request)
-    decision = rig.open(rig.forge(overrides={"nbf": int(NOW) + 2}))
+    edge = int(NOW) + int(d.EXP_LEEWAY)
+    assert isinstance(rig.open(rig.forge(overrides={"nbf": edge})), Request)
+    decision = rig.open(rig.forge(overrides={"nbf": edge + 1}))
     assert isinstance(decision, Decision) and decision.reason == d.NOT_YET_VALID
     mistyped = rig.open(rig.forge(overrides={"nbf": "later"}))  # not an int: refused
     assert isinstance(mistyped, Decision) and mistyped.reason == d.MALFORMED
 
 
-def test_deadline_never_past_exp() -> None:
+def test_deadline_is_the_receive_time_plus_the_server_s_wait() -> None:
     rig = make_rig()
     request = rig.request(rig.forge(timeout=2.0))
-    exp = request.exp
+    assert request.server_timeout == 2.0
     assert request.deadline(NOW, 1.0) == NOW + 1.0
-    assert request.deadline(NOW, 5.0) == exp
-    assert request.deadline(exp - 0.25, 1.0) == exp
-    assert request.deadline(exp + 3, 1.0) == exp
+    assert request.deadline(NOW, 5.0) == NOW + 2.0 - d.REPLY_MARGIN
+    # Whatever our clock says of the server's exp: far ahead, or far behind.
+    assert request.deadline(NOW + 3, 1.0) == NOW + 4.0
+    assert request.deadline(NOW - 3, 5.0) == NOW - 1.0 - d.REPLY_MARGIN
+
+
+@pytest.mark.parametrize("skew", [-3.0, -1.5, 1.5, 3.0])
+@pytest.mark.parametrize("timeout", [1.0, 2.0])
+def test_a_skewed_clock_neither_drops_nor_times_out_a_fresh_request(
+    skew: float, timeout: float
+) -> None:
+    """A host ahead of its server used to see every request as expired (dropped: the client
+    waited out the server's timeout) or its deadline already passed (store_timeout)."""
+    rig = make_rig()
+    for fraction in (0.0, 0.5, 0.99):  # where in its second the server published
+        sent = NOW + fraction
+        forged = rig.forge(now=sent, timeout=timeout)
+        received = sent + skew + 0.001
+        request = rig.request(forged, now=received)
+        budget = request.deadline(received, 1.0) - received
+        assert 0.9 <= budget <= 1.0
+
+
+@pytest.mark.parametrize("iat", [forge.DELETE, "soon", 1.5, 0, -5, 10**12, None], ids=repr)
+def test_an_implausible_iat_falls_back_to_exp(iat: Any) -> None:
+    rig = make_rig()
+    request = rig.request(rig.forge(timeout=2.0, overrides={"iat": iat}))
+    assert request.server_timeout == 0.0
+    assert request.deadline(NOW, 1.0) == NOW + 1.0
+    assert request.deadline(NOW, 5.0) == request.exp
 
 
 def test_response_iat_is_the_response_time() -> None:
@@ -1074,8 +1136,10 @@ def test_same_nonce_from_the_same_server_is_a_replay() -> None:
     again = r.forge(nonce="abcdefghijklmno")  # a fresh user_nkey, the same client nonce
     assert isinstance(r.open(first), Request)
     decision = r.open(again)
-    assert isinstance(decision, Decision) and decision.reason == d.REPLAY
+    # A new request (its own inbox): answered with a signed error, not dropped.
+    assert isinstance(decision, Decision) and decision.reason == d.REPLAY and not decision.drop
     assert "nonce" in decision.detail
+    assert_error_response(r, decision, again)
     other_server = r.forge(nonce="abcdefghijklmno", server=ServerIdentity.generate())
     assert isinstance(r.open(other_server), Request)
 
@@ -1095,6 +1159,7 @@ def test_shared_replay_record_fails_closed(replay: Any, reason: str) -> None:
     request = r.request(r.forge())
     decision = r.authorizer.decide(request, Found(record("alice")), replay)
     assert decision.reason == reason
+    assert decision.drop == (reason == d.REPLAY)
 
 
 def test_internal_key_never_depends_on_the_replay_record() -> None:
@@ -1120,18 +1185,45 @@ def test_bad_signatures_throttle_the_host_not_the_key() -> None:
     forged_sig = {"nats": {"connect_opts": {"sig": attacker.sign("wrong")}}}
     for _ in range(2):
         assert r.run(r.forge(overrides=forged_sig), Missing()).reason == d.BAD_SIGNATURE
-    # The host is throttled now, whatever key it claims ...
-    assert r.run(r.forge(), Found(record("v"))).reason == d.THROTTLED
-    # ... but the victim's key is not: from another host it is admitted.
+    # The host is throttled now for requests that fail ...
+    assert r.run(r.forge(overrides=forged_sig), Missing()).reason == d.THROTTLED
+    # ... but a valid signature from it is never refused for its host ...
+    assert r.run(r.forge(), Found(record("v"))).reason == d.ADMIT
+    # ... and the victim's key is not throttled either: from another host it is admitted.
     elsewhere = {"nats": {"client_info": {"host": "10.9.9.9"}}}
     assert r.run(r.forge(overrides=elsewhere), Found(record("v"))).reason == d.ADMIT
+
+
+def test_requests_without_a_key_lock_no_host_out() -> None:
+    """A bare `CONNECT {}` used to count against its host, and the host check came before the
+    signature: ~10 a second locked out every valid client behind the same address."""
+    r = make_rig(fail_limit_host=3, fail_window=3600.0)
+    for _ in range(50):
+        assert r.run(r.forge(client=None), Missing()).reason == d.NO_NKEY
+    assert len(r.authorizer.failures_by_host) == 0
+    assert r.run(r.forge(), Found(ALICE)).reason == d.ADMIT
+    # Failing requests that carry a key do count, and then are refused as throttled; a valid
+    # one still gets in.
+    bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
+    reasons = [r.run(r.forge(overrides=bad), Missing()).reason for _ in range(5)]
+    assert reasons == [d.BAD_SIGNATURE] * 3 + [d.THROTTLED] * 2
+    assert r.run(r.forge(client=None), Missing()).reason == d.NO_NKEY
+    assert r.run(r.forge(), Found(ALICE)).reason == d.ADMIT
+
+
+def test_unknown_keys_with_valid_signatures_are_throttled_by_key_only() -> None:
+    r = make_rig(fail_limit_key=2, fail_limit_host=2, fail_window=3600.0)
+    for _ in range(4):  # fresh keys: each fails once, the host four times
+        assert r.run(r.forge(client=ClientKey.generate()), Missing()).reason == d.UNKNOWN_USER
+    assert r.run(r.forge(client=ClientKey.generate()), Missing()).reason == d.UNKNOWN_USER
+    assert r.run(r.forge(), Found(ALICE)).reason == d.ADMIT  # a known key behind the host
 
 
 def test_internal_keys_are_never_throttled() -> None:
     r = internal_rig(fail_limit_host=1)
     bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
     assert r.run(r.forge(overrides=bad), None).reason == d.BAD_SIGNATURE
-    assert r.run(r.forge(overrides=bad), None).reason in {d.BAD_SIGNATURE}
+    assert r.run(r.forge(overrides=bad), None).reason == d.THROTTLED  # its host, failing
     assert r.run(r.forge(), None).reason == d.ADMIT_INTERNAL
 
 
@@ -1164,10 +1256,203 @@ def test_throttled_refusals_do_not_keep_a_host_throttled() -> None:
     bad = {"nats": {"connect_opts": {"sig": "A" * 86}}}
     for _ in range(2):
         assert r.run(r.forge(overrides=bad), Missing()).reason == d.BAD_SIGNATURE
-    # Valid clients behind the host keep retrying while it is throttled ...
+    # Failing clients behind the host keep retrying while it is throttled; valid ones are
+    # admitted throughout ...
     for i in range(20):
         at = NOW + i * 0.2
-        assert r.run(r.forge(now=at), Found(ALICE), now=at).reason in {d.THROTTLED, d.ADMIT}
-    # ... and still get in once the window has passed since the last real failure.
-    later = NOW + 6.0
-    assert r.run(r.forge(now=later), Found(ALICE), now=later).reason == d.ADMIT
+        assert r.run(r.forge(now=at, overrides=bad), Missing(), now=at).reason in {
+            d.THROTTLED,
+            d.BAD_SIGNATURE,
+        }
+        assert r.run(r.forge(now=at), Found(ALICE), now=at).reason == d.ADMIT
+    # ... and the host recovers once the window has passed since the last counted failure.
+    later = NOW + 10.0
+    assert r.run(r.forge(now=later, overrides=bad), Missing(), now=later).reason == (
+        d.BAD_SIGNATURE
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# live sessions: does a change to the record still stand for what a connection was given?
+# ---------------------------------------------------------------------------------------------
+ORDERS = record("o", pub_allow=["orders.>"], pub_deny=["orders.secret"], sub_allow=["_INBOX.>"])
+
+
+def _grant_of(value: bytes, **policy: Any) -> d.Grant:
+    rig = make_rig(**policy)
+    decision = rig.run(rig.forge(), Found(value))
+    assert decision.grant is not None, decision
+    return decision.grant
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # permissions reduced
+        (
+            ORDERS,
+            record(
+                "o", pub_allow=["orders.new"], pub_deny=["orders.secret"], sub_allow=["_INBOX.>"]
+            ),
+        ),
+        (
+            ORDERS,
+            record(
+                "o",
+                pub_allow=["orders.>"],
+                pub_deny=["orders.secret", "orders.x"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+        (record("u"), ORDERS),  # unrestricted -> restricted
+        # admin removed
+        (record("a", admin=True, pub_allow=["x"]), record("a", pub_allow=["x"])),
+        # the account changed: to one not allowed, or to another allowed one
+        (ORDERS, record("o", account="SYS")),
+        (ORDERS, record("o", account="OTHER")),
+        # revoked, revoked set to an invalid value, and other invalid records
+        (ORDERS, record("o", revoked=True)),
+        (ORDERS, b'{"name": "o", "revoked": "yes"}'),
+        (ORDERS, b'{"name": "o", "revoked": 1}'),
+        (ORDERS, b'{"name": "o", "Revoked": true}'),
+        (ORDERS, b"not json"),
+    ],
+)
+def test_a_narrower_or_unusable_record_ends_live_sessions(before: bytes, after: bytes) -> None:
+    policy = policy_for(make_keys(), allowed_accounts=frozenset({APP, "OTHER"}))
+    grant = _grant_of(before, allowed_accounts=policy.allowed_accounts)
+    assert not d.still_admits(policy, grant, Found(after))
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (ORDERS, ORDERS),
+        (
+            ORDERS,
+            record(
+                "renamed",
+                pub_allow=["orders.>"],
+                pub_deny=["orders.secret"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+        # wider: more allowed, less denied, a wildcard over a literal, no list at all, admin
+        (
+            ORDERS,
+            record(
+                "o",
+                pub_allow=["orders.>", "billing.>"],
+                pub_deny=["orders.secret"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+        (ORDERS, record("o", pub_allow=["orders.>"], sub_allow=["_INBOX.>"])),
+        (ORDERS, record("o", pub_allow=["orders.>"], pub_deny=["orders.secret"])),  # sub: all
+        (record("l", pub_allow=["orders.new"]), record("l", pub_allow=["orders.*"])),
+        (record("l", pub_allow=["orders.a.b"]), record("l", pub_allow=["orders.>"])),
+        (ORDERS, record("u")),
+        (ORDERS, record("a", admin=True)),
+        (record("d", pub_deny=["orders.>"]), record("d", pub_deny=["orders.secret"])),
+        # the record names the default account explicitly
+        (
+            ORDERS,
+            record(
+                "o",
+                account=APP,
+                pub_allow=["orders.>"],
+                pub_deny=["orders.secret"],
+                sub_allow=["_INBOX.>"],
+            ),
+        ),
+    ],
+)
+def test_an_equal_or_wider_record_keeps_live_sessions(before: bytes, after: bytes) -> None:
+    policy = policy_for(make_keys())
+    assert d.still_admits(policy, _grant_of(before), Found(after))
+
+
+def test_keep_sessions_keeps_them_whatever_the_record_says() -> None:
+    policy = policy_for(make_keys())
+    kept = b'{"revoked": true, "keep_sessions": true}'
+    assert d.still_admits(policy, _grant_of(ORDERS), Found(kept))
+    # ... but an invalid record cannot say so.
+    assert not d.still_admits(
+        policy, _grant_of(ORDERS), Found(b'{"revoked": true, "keep_sessions": "yes"}')
+    )
+
+
+def test_deleted_missing_and_soft_mode_sessions() -> None:
+    enforce = policy_for(make_keys())
+    grant = _grant_of(ORDERS)
+    assert not d.still_admits(enforce, grant, d.Deleted())
+    assert not d.still_admits(enforce, grant, Missing())
+    assert not d.still_admits(enforce, grant, Unavailable("x"))
+    defaults = Permissions(pub=Rules(allow=("public.>",)))
+    soft = policy_for(make_keys(), mode="soft", default_permissions=defaults)
+    # A soft-mode admit (no record, the defaults) stands while the key still has no record,
+    # ends when it is deleted, and when a record narrower than the defaults appears.
+    rig = make_rig(mode="soft", default_permissions=defaults)
+    soft_grant = rig.run(rig.forge(), Missing()).grant
+    assert soft_grant == d.Grant(APP, defaults)
+    assert d.still_admits(soft, soft_grant, Missing())
+    assert not d.still_admits(soft, soft_grant, d.Deleted())
+    assert not d.still_admits(soft, soft_grant, Found(record("n", pub_allow=["public.a"])))
+    assert d.still_admits(soft, soft_grant, Found(record("w", pub_allow=["public.>", "x"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# connection kinds
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kind", "allowed", "reason"),
+    [
+        ("Client", {"client"}, d.ADMIT),
+        ("Leafnode", {"client"}, d.KIND_NOT_ALLOWED),  # used to be admitted on a user's record
+        ("Leafnode", {"client", "leafnode"}, d.ADMIT),
+        ("Client", {"leafnode"}, d.KIND_NOT_ALLOWED),
+        ("Router", {"client", "leafnode"}, d.KIND_NOT_ALLOWED),
+        ("client", {"client"}, d.KIND_NOT_ALLOWED),  # not the server's spelling
+        (DELETE, {"client", "leafnode"}, d.KIND_NOT_ALLOWED),
+        (7, {"client"}, d.KIND_NOT_ALLOWED),
+    ],
+)
+def test_connection_kinds(kind: Any, allowed: set[str], reason: str) -> None:
+    rig = make_rig(allowed_kinds=frozenset(allowed))
+    forged = rig.forge(overrides={"nats": {"client_info": {"kind": kind}}})
+    decision = rig.run(forged, Found(ALICE))
+    assert decision.reason == reason
+    if reason == d.KIND_NOT_ALLOWED:
+        assert_error_response(rig, decision, forged)
+        assert "--allow-kind" in decision.detail
+
+
+def test_internal_keys_obey_the_allowed_kinds_too() -> None:
+    rig = internal_rig()
+    leaf = rig.forge(overrides={"nats": {"client_info": {"kind": "Leafnode"}}})
+    assert rig.run(leaf, None).reason == d.KIND_NOT_ALLOWED
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"allowed_kinds": frozenset()},
+        {"allowed_kinds": frozenset({"router"})},
+        {"fail_window": float("inf")},
+        {"fail_window": float("nan")},
+        {"user_ttl": float("nan")},
+        {"user_ttl": float("inf")},
+    ],
+)
+def test_policy_refuses_what_it_cannot_mean(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        policy_for(make_keys(), **fields)
+
+
+def test_operator_mode_never_places_into_a_forbidden_account_key() -> None:
+    """The name a signer is given is ours; the key is what places (protocol.md §3 #15)."""
+    seed, system_key = new_account()
+    signer = d.AccountSigner(SigningKey.from_seed(seed), system_key)
+    rig = make_rig(signers={APP: signer}, forbidden_account_keys=frozenset({system_key}))
+    decision = rig.run(rig.forge(), Found(ALICE))
+    assert decision.reason == d.ACCOUNT_NOT_ALLOWED

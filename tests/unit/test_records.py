@@ -75,17 +75,64 @@ def test_full_record() -> None:
     assert orjson.loads(dump_record(parsed)) == orjson.loads(data)
 
 
-def test_unknown_fields_are_ignored() -> None:
-    doc = {
-        "name": "bob",
-        "email": "bob@example.com",
-        "created": 12345,
-        "enabled": "maybe",
-        "permissions": {"pub": {"allow": ["x"], "note": 1}, "resp": {"max": 1}, "extra": []},
-    }
-    parsed = _parse(doc)
-    assert parsed.name == "bob"
-    assert parsed.permissions == Permissions(pub=Rules(("x",)))
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        # nats-server's own spelling: ignored, the lists came out empty = unrestricted.
+        ({"permissions": {"publish": {"allow": ["a.>"]}}}, "'permissions.publish'"),
+        ({"permissions": {"subscribe": {"allow": ["a.>"]}}}, "'permissions.subscribe'"),
+        ({"permissions": {"pub": {"Allow": ["a.>"]}}}, "'permissions.pub.Allow'"),
+        ({"permissions": {"sub": {"allow": ["a"], "deny ": ["b"]}}}, "'permissions.sub.deny '"),
+        ({"permissions": {"pub": {"allow": ["x"]}, "resp": {"max": 1}}}, "'permissions.resp'"),
+        ({"Revoked": True}, "'Revoked'"),
+        ({"name": "bob", "email": "bob@example.com"}, "'email'"),
+        ({"pub": {"allow": ["a.>"]}}, "'pub'"),
+    ],
+)
+def test_unknown_fields_are_errors_that_name_them(doc: dict[str, Any], field: str) -> None:
+    assert f"unknown field {field}" in _error(doc)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"revoked": true, "revoked": false}',
+        b'{"permissions": {"pub": {"allow": ["a"], "allow": []}}}',
+        b'{"permissions": {"pub": {"allow": ["a"]}, "pub": {}}}',
+        b'{"meta": {"owner": "a", "owner": "b"}}',
+    ],
+)
+def test_duplicate_keys_are_errors(data: bytes) -> None:
+    # orjson (and most parsers) keep the last value silently: the first could be the one the
+    # writer meant, so neither is taken.
+    with pytest.raises(RecordError, match="twice in one object"):
+        parse_record(data)
+
+
+def test_meta_holds_a_control_plane_s_own_data_and_is_never_read() -> None:
+    parsed = _parse({"name": "bob", "meta": {"email": "bob@example.com", "revoked": True}})
+    assert parsed == UserRecord(name="bob")
+    assert "meta must be an object" in _error({"meta": ["x"]})
+    assert _parse({"meta": None}) == UserRecord()
+
+
+def test_keep_sessions_is_a_record_field() -> None:
+    assert _parse({"revoked": True, "keep_sessions": True}).keep_sessions is True
+    assert "keep_sessions must be bool" in _error({"keep_sessions": "yes"})
+    assert "keep_sessions" not in orjson.loads(dump_record(UserRecord()))
+    kept = UserRecord(revoked=True, keep_sessions=True)
+    assert parse_record(dump_record(kept)) == kept
+
+
+@pytest.mark.parametrize(
+    "text", ['{"pub": {"allow": ["a"]}, "pub": {}}', '{"publish": {"allow": ["a"]}}', "NaN"]
+)
+def test_permission_flags_are_as_strict_as_records(text: str) -> None:
+    from callout.commands.common import UserError, permissions_json
+
+    with pytest.raises(UserError) as info:
+        permissions_json(text, "--default-permissions")
+    assert "--default-permissions" in str(info.value)
 
 
 @pytest.mark.parametrize("data", [b"", b"not json", b"{", b"\xff", b"{'a': 1}"])
@@ -100,12 +147,12 @@ def test_not_an_object(doc: Any) -> None:
 
 
 def test_size_cap() -> None:
-    padding = "x" * (MAX_RECORD_BYTES - len(b'{"pad":""}'))
-    at_cap = orjson.dumps({"pad": padding})
+    padding = "x" * (MAX_RECORD_BYTES - len(b'{"meta":{"pad":""}}'))
+    at_cap = orjson.dumps({"meta": {"pad": padding}})
     assert len(at_cap) == MAX_RECORD_BYTES
     assert parse_record(at_cap) == UserRecord()
     with pytest.raises(RecordError, match="larger than"):
-        parse_record(orjson.dumps({"pad": padding + "x"}))
+        parse_record(orjson.dumps({"meta": {"pad": padding + "x"}}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,3 +329,46 @@ def test_permission_claims_omit_empty_lists() -> None:
     both = Permissions(pub=Rules(("a",), ("b",)), sub=Rules(("c",)))
     assert both.claims() == {"pub": {"allow": ["a"], "deny": ["b"]}, "sub": {"allow": ["c"]}}
     assert both.as_json()["sub"] == {"allow": ["c"], "deny": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# coverage: is one grant at least as wide as another?
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("wide", "narrow", "covers"),
+    [
+        ("a", "a", True),
+        ("a", "b", False),
+        ("a.*", "a.b", True),
+        ("a.*", "a.*", True),
+        ("a.*", "a.>", False),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a.b", True),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a.*", True),
+        ("a.>", "a.>", True),
+        ("a.>", "a", False),
+        (">", "a", True),
+        (">", ">", True),
+        ("a", "*", False),
+        ("a.b", "a.>", False),
+        ("*.b", "a.b", True),
+        ("*.b", "a.c", False),
+    ],
+)
+def test_subject_covers(wide: str, narrow: str, covers: bool) -> None:
+    from callout.records import subject_covers
+
+    assert subject_covers(wide, narrow) is covers
+
+
+def test_permissions_cover_only_what_they_provably_contain() -> None:
+    unrestricted = Permissions()
+    orders = Permissions(pub=Rules(("orders.>",), ("orders.secret",)))
+    assert unrestricted.covers(orders) and unrestricted.covers(unrestricted)
+    assert not orders.covers(unrestricted)
+    assert orders.covers(orders)
+    assert Permissions(pub=Rules(("orders.>",))).covers(orders)  # less denied
+    assert not Permissions(pub=Rules(("orders.>",), ("orders.*",))).covers(orders)  # more
+    assert Permissions(pub=Rules((), ("orders.secret",))).covers(orders)  # no allow list
+    assert not Permissions(sub=Rules(("x",))).covers(orders)  # sub narrowed from everything

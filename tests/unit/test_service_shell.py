@@ -257,15 +257,16 @@ async def test_store_timeout_reply_goes_out_at_the_deadline_not_after_the_store(
     assert env.error_of(msg, forged) == d.STORE_TIMEOUT
 
 
-async def test_deadline_is_the_request_exp_when_that_comes_first() -> None:
+async def test_deadline_is_the_server_s_wait_when_that_comes_first() -> None:
     events: list[str] = []
     store = GatedStore(events)
-    env = make_env(store, backend_timeout=3600.0)  # only exp can end this lookup in time
+    # Only the server's wait (exp - iat = 2 s, from our receive time) can end this lookup.
+    env = make_env(store, backend_timeout=3600.0)
     env.nc.events = events
     forged = env.forge(timeout=2.0)
-    env.clock.now = forged.claims["exp"] - 0.05  # the server gives up in 50 ms
     msg = env.msg(forged)
-    await env.handle(msg)
+    # Received 1.9 s ago: the server gives up in 100 ms, the answer needs 50 ms to reach it.
+    await env.handle(msg, received=env.clock.now - 1.9)
     assert events == ["store_called", "store_cancelled", "publish"]
     assert env.error_of(msg, forged) == d.STORE_TIMEOUT
 
@@ -373,7 +374,7 @@ async def test_message_without_reply_subject_is_not_answered() -> None:
 # ---------------------------------------------------------------------------------------------
 async def test_expired_request_is_dropped_without_reply_or_lookup() -> None:
     env = make_env()
-    forged = env.forge(now=NOW - 10)  # exp = NOW - 8
+    forged = env.forge(now=NOW - 60)  # exp = NOW - 58: past any clock skew
     await env.service._on_message(env.msg(forged))
     await env.service.stop()
     assert env.nc.published == []
@@ -504,6 +505,10 @@ async def test_every_message_gets_exactly_one_publish() -> None:
         await env.service._on_message(m)
     await asyncio.wait_for(env.service.stop(), 10)
 
+    # A replay is dropped (no reply: the first answer already went to that inbox).
+    answered = [(m, io) for m, io in zip(msgs, inputs, strict=True) if io[1] != d.REPLAY]
+    msgs, inputs = [m for m, _ in answered], [io for _, io in answered]
+    assert env.service.stats.dropped == 1
     published = Counter(subject for subject, _ in env.nc.published)
     assert published == Counter(m.reply for m in msgs)
     assert all(count == 1 for count in published.values())
@@ -519,7 +524,7 @@ async def test_every_message_gets_exactly_one_publish() -> None:
         else:
             assert nats.get("error") == reason
     stats = env.service.stats
-    assert stats.requests == stats.replies == len(msgs)
+    assert stats.requests == stats.replies + stats.dropped == len(msgs) + 1
     assert stats.admitted == 3 and stats.denied == len(msgs) - 3
     assert env.service.inflight == 0
 
