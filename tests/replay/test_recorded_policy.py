@@ -93,7 +93,10 @@ def test_the_document_round_trips_with_stand_ins_for_every_key() -> None:
             {"default_permissions": {"pub": {"alow": []}}},
             "unknown field 'policy.default_permissions.pub.alow'",
         ),
-        ({"internal_permissions": {"pubs": {}}}, "unknown field 'policy.internal_permissions.pubs'"),
+        (
+            {"internal_permissions": {"pubs": {}}},
+            "unknown field 'policy.internal_permissions.pubs'",
+        ),
         ({"signers": {"APP": {"account": "A"}}}, "policy.signers.APP: must be"),
     ],
 )
