@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 from nats.js.kv import KeyValue
 
-from callout.store.base import StoreError
+from callout.store.base import StoreError, WouldBlock
 
 # JetStream API error codes (nats-server server/errors.json).
 _NO_MESSAGE = 10037  # JSNoMessageFoundErr
@@ -113,6 +113,9 @@ class KVStore:
         self._subject_prefix = f"$KV.{bucket}."
         self._timeout = request_timeout
 
+    def get_nowait(self, key: str) -> bytes | None:
+        raise WouldBlock  # every answer is a round trip
+
     async def get(self, key: str) -> bytes | None:
         entry = await self.get_entry(key)
         return None if entry is None else entry[0]
@@ -181,6 +184,9 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
                     history=HISTORY,
                     replicas=replicas or 1,
                     storage=StorageType.FILE,
+                    # Any replica answers a direct get: the users cache reads the stream's
+                    # last message from one to stay available through a leader election.
+                    direct=True,
                     description="callout user records (key: user public nkey)",
                 )
             )

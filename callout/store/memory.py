@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from callout.store.base import StoreError
+from callout.store.base import StoreError, WouldBlock
 
 
 @dataclass
@@ -22,4 +22,10 @@ class MemoryStore:
             await asyncio.sleep(self.delay)
         if self.error is not None:
             raise StoreError(self.error)
+        return self.records.get(key)
+
+    def get_nowait(self, key: str) -> bytes | None:
+        if self.delay or self.error is not None:
+            raise WouldBlock  # the awaited get waits, or fails
+        self.lookups += 1
         return self.records.get(key)
