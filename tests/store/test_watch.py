@@ -57,7 +57,9 @@ def watch_connection(nc: Any, seed: str) -> Any:
 async def watched(nc: Any, keys: Keys, **kw: Any) -> tuple[WatchedStore, CountingStore]:
     direct = CountingStore(nc, "users")
     kw.setdefault("retry_interval", 0.1)
-    store = WatchedStore(nc, "users", connect=watch_connection(nc, keys.service_seed), direct=direct, **kw)
+    store = WatchedStore(
+        nc, "users", connect=watch_connection(nc, keys.service_seed), direct=direct, **kw
+    )
     store.start()
     return store, direct
 
@@ -391,7 +393,9 @@ async def test_load_listeners_see_the_whole_copy_before_it_answers(
     _, alice = new_user()
     await kv.put(alice, record("alice"))
     direct = CountingStore(nc, "users")
-    store = WatchedStore(nc, "users", connect=watch_connection(nc, keys.service_seed), direct=direct)
+    store = WatchedStore(
+        nc, "users", connect=watch_connection(nc, keys.service_seed), direct=direct
+    )
     seen: list[tuple[dict[str, bytes], bool]] = []
     store.load_listeners.append(lambda copy: seen.append((dict(copy), store.live)))
     changes: list[tuple[str, bytes | None, bytes | None]] = []
@@ -416,7 +420,7 @@ async def test_a_deleted_watch_consumer_resumes_without_losing_a_write(
     kv = await users_bucket(nc)
     _, alice = new_user()
     await kv.put(alice, record("alice"))
-    store, direct = await watched(nc, keys)
+    store, _ = await watched(nc, keys)
     try:
         await asyncio.wait_for(store.live_event.wait(), 5)
         monitor = store._monitor
