@@ -68,6 +68,8 @@ _STREAM_NOT_FOUND = 10059
 _NS = 1_000_000_000
 # Leader probes kept waiting for the watch to cover them.
 _MAX_PENDING = 64
+# Probes of one kind awaiting an answer at once.
+_MAX_IN_FLIGHT = 16
 
 
 class _Lost(Exception):
@@ -82,6 +84,9 @@ class _View:
     records: Mapping[str, bytes]
     deleted: frozenset[str] | set[str]
     until: float
+    # The stream has no leader (an election) and the copy holds everything a replica does:
+    # past `until`, a lookup is answered by a replica's direct get, checked against the copy.
+    election: bool = False
 
 
 _DARK = _View({}, frozenset(), 0.0)
@@ -146,7 +151,20 @@ class WatchedStore:
         view = self._view
         if time.monotonic() < view.until and not self._main_down:
             return view.records.get(key)
+        if view.election and not self._main_down:
+            return await self._through_election(key, view)
         return await self._direct.get(key)
+
+    async def _through_election(self, key: str, view: _View) -> bytes | None:
+        """While the stream elects a leader, `get` (which needs one) cannot answer; a replica
+        can. Its answer, sent after the request came, proves the store is there; the copy is at
+        least as current as that replica (the monitor checks), so the newer of the two wins."""
+        monitor = self._monitor
+        seen = monitor.seen if monitor is not None else 0
+        entry = await self._direct.get_from_a_replica(key)
+        if entry is not None and entry[1] > seen:
+            return entry[0]  # a write the copy has not had yet
+        return view.records.get(key)
 
     def get_nowait(self, key: str) -> bytes | None:
         """The same rule as `get`: the copy's answer when `get` would give it, else WouldBlock."""
@@ -275,6 +293,8 @@ class _Monitor:
         self.pending: list[_Probe] = []
         self.behind_since: float | None = None
         self.until = 0.0
+        self.election = False
+        self.replica_behind = False  # the last replica probe found a write the copy lacks
         self.leader_confirmed = 0.0  # send time of the last leader probe that confirmed
         self.leader_answered = 0.0  # when the leader last answered a probe
         self.tasks: set[asyncio.Task[None]] = set()
@@ -306,6 +326,7 @@ class _Monitor:
         """Stop answering now (before anything else runs on this thread), and reload."""
         self.s._publish(_DARK)
         self.until = 0.0
+        self.election = False
         if self.s.state in ("live", "election"):
             log.warning("users_cache_not_live", bucket=self.s.bucket, state=state, detail=reason)
             self.s._on_main(self.s._set_live, False)
@@ -314,10 +335,15 @@ class _Monitor:
             self.lost = reason
         self._wake()
 
+    def set_election(self, election: bool) -> None:
+        if election != self.election:
+            self.election = election
+            self.s._publish(_View(self.records, self.deleted, self.until, election))
+
     def extend(self, until: float, state: str) -> None:
         if until > self.until:
             self.until = until
-            self.s._publish(_View(self.records, self.deleted, until))
+            self.s._publish(_View(self.records, self.deleted, until, self.election))
         elif state == "election":
             return  # the leader's confirmation covers longer
         if self.s.state != state:
@@ -411,6 +437,7 @@ class _Monitor:
         self.records, self.deleted, self.births = {}, set(), []
         self.seen, self.loaded, self.pending, self.behind_since = 0, False, [], None
         self.until = self.leader_confirmed = 0.0
+        self.election = self.replica_behind = False
         self.leader_answered = time.monotonic()
         self.created = None
         before = await self.leader_probe_once(nc)  # raises when there is no bucket
@@ -479,19 +506,27 @@ class _Monitor:
 
     async def follow(self, nc: Client) -> None:
         assert self.wake is not None
-        leader: asyncio.Task[None] | None = None
-        leader_sent = 0.0
-        replica: asyncio.Task[None] | None = None
         interval = self.s._probe_interval
+        # Probes are sent every interval whether or not earlier ones have been answered: one
+        # answer held up (a busy server, a busy machine) must not hold up the next.
+        leaders: set[asyncio.Task[None]] = set()
+        replicas: set[asyncio.Task[None]] = set()
         while True:
             self.check_lost()
             now = time.monotonic()
-            if leader is None or leader.done() or now - leader_sent > self.s._probe_timeout:
-                leader_sent = now
-                leader = self.spawn(self.leader_probe(nc))
+            if len(leaders) < _MAX_IN_FLIGHT:
+                self.spawn(self.leader_probe(nc), leaders)
             silent = now - self.leader_answered > 2 * interval
-            if self.allow_direct and silent and (replica is None or replica.done()):
-                replica = self.spawn(self.replica_probe(nc))
+            if self.allow_direct and silent and len(replicas) < _MAX_IN_FLIGHT:
+                self.spawn(self.replica_probe(nc), replicas)
+            self.set_election(
+                self.allow_direct
+                and silent
+                and not self.pending
+                and not self.replica_behind
+                and self.leader_confirmed > 0
+                and now - self.leader_confirmed < self.s._election_limit
+            )
             if self.pending and self.behind_since is None:
                 self.behind_since = now
             elif not self.pending:
@@ -505,10 +540,14 @@ class _Monitor:
                 async with asyncio.timeout(interval):
                     await self.wake.wait()
 
-    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+    def spawn(
+        self, coro: Awaitable[None], group: set[asyncio.Task[None]] | None = None
+    ) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        for tasks in (self.tasks, group):
+            if tasks is not None:
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         return task
 
     # -- probes --------------------------------------------------------------------------------
@@ -565,6 +604,7 @@ class _Monitor:
         if probe is None:
             return
         self.leader_answered = time.monotonic()
+        self.set_election(False)
         bisect.insort(self.pending, probe, key=lambda p: p.sent)
         del self.pending[:-_MAX_PENDING]  # a later probe the watch covers confirms more anyway
         self.confirm()
@@ -651,6 +691,9 @@ class _Monitor:
                 last = int(headers.get("Nats-Sequence", ""))
             except ValueError:
                 return
+        self.replica_behind = last > self.seen
+        if self.replica_behind:
+            self.set_election(False)
         # The replica holds nothing the copy lacks; the leader has not said the copy is behind,
         # and confirmed it recently enough for this to be the election it looks like.
         if (

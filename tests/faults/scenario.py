@@ -42,7 +42,16 @@ SERVICE_ERROR = "Auth callout service returned an error: "
 EMPTY_BODY = 'Auth callout violation: "no reason supplied"'
 #: Roles that must never be admitted.
 MUST_DENY = frozenset(
-    {"revoked", "revoked_late", "unknown", "forgotten", "garbage", "bad", "replayed"}
+    {
+        "revoked",
+        "revoked_late",
+        "revoked_seen",
+        "unknown",
+        "forgotten",
+        "garbage",
+        "bad",
+        "replayed",
+    }
 )
 #: --backend-timeout of every service in these tests: short, so the deny bound is quick to test.
 BACKEND_TIMEOUT = 0.5
