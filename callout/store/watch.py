@@ -70,6 +70,8 @@ _NS = 1_000_000_000
 _MAX_PENDING = 64
 # Probes of one kind awaiting an answer at once.
 _MAX_IN_FLIGHT = 16
+# How often a direct read still waiting looks whether the copy can answer instead.
+_RECHECK = 0.01
 
 
 class _Lost(Exception):
@@ -153,7 +155,27 @@ class WatchedStore:
             return view.records.get(key)
         if view.election and not self._main_down:
             return await self._through_election(key, view)
-        return await self._direct.get(key)
+        return await self._from_the_bucket(key)
+
+    async def _from_the_bucket(self, key: str) -> bytes | None:
+        """A direct read (from the stream's leader), unless the copy becomes answerable first:
+        when the leader has just died, the read waits for the caller's deadline, while the
+        copy (or a replica) is confirmed again within milliseconds."""
+        read = asyncio.ensure_future(self._direct.get(key))
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=_RECHECK)
+                if done:
+                    return read.result()
+                view = self._view
+                if self._main_down:
+                    continue
+                if time.monotonic() < view.until:
+                    return view.records.get(key)
+                if view.election:
+                    return await self._through_election(key, view)
+        finally:
+            read.cancel()
 
     async def _through_election(self, key: str, view: _View) -> bytes | None:
         """While the stream elects a leader, `get` (which needs one) cannot answer; a replica
@@ -294,7 +316,8 @@ class _Monitor:
         self.behind_since: float | None = None
         self.until = 0.0
         self.election = False
-        self.replica_behind = False  # the last replica probe found a write the copy lacks
+        self.disconnected = False
+        self.replica_last = -1  # the last message a replica probe found (-1: none answered)
         self.leader_confirmed = 0.0  # send time of the last leader probe that confirmed
         self.leader_answered = 0.0  # when the leader last answered a probe
         self.tasks: set[asyncio.Task[None]] = set()
@@ -335,12 +358,26 @@ class _Monitor:
             self.lost = reason
         self._wake()
 
+    def dark(self, reason: str, state: str) -> None:
+        """Stop answering now, keeping the copy for when it is confirmed again."""
+        self.until = 0.0
+        self.election = False
+        self.s._publish(_View(self.records, self.deleted, 0.0, False))
+        if self.s.state in ("live", "election"):
+            log.warning("users_cache_not_live", bucket=self.s.bucket, state=state, detail=reason)
+            self.s._on_main(self.s._set_live, False)
+        self.s.state = state
+
     def set_election(self, election: bool) -> None:
+        if self.disconnected:
+            election = False
         if election != self.election:
             self.election = election
             self.s._publish(_View(self.records, self.deleted, self.until, election))
 
     def extend(self, until: float, state: str) -> None:
+        if self.disconnected:
+            return  # an answer read before the drop confirms nothing after it
         if until > self.until:
             self.until = until
             self.s._publish(_View(self.records, self.deleted, until, self.election))
@@ -351,6 +388,10 @@ class _Monitor:
                 log.warning("users_cache_election", bucket=self.s.bucket)
             elif self.s.state == "election":
                 log.info("users_cache_leader_back", bucket=self.s.bucket)
+            elif self.s.state == "disconnected":
+                log.info("users_cache_confirmed", bucket=self.s.bucket, was=self.s.state)
+            if self.s.state not in ("live", "election"):
+                self.s._on_main(self.s._set_live, True)
             self.s.state = state
 
     # -- the loop ------------------------------------------------------------------------------
@@ -404,9 +445,16 @@ class _Monitor:
             return self.nc
 
         async def disconnected() -> None:
-            self.lose("watch connection lost", "disconnected")
+            # Dark at once, but the copy is kept: after the reconnect the watch resumes from
+            # where it was, and the copy answers again once probes confirm it, or through a
+            # leader election (a node dying takes our connection with it) once a replica does.
+            self.disconnected = True
+            self.dark("watch connection lost", "disconnected")
 
         async def reconnected() -> None:
+            self.disconnected = False
+            if self.loaded and not self.resuming:
+                self.resume("reconnected")
             self._wake()
 
         async def error(exc: Exception) -> None:
@@ -437,7 +485,8 @@ class _Monitor:
         self.records, self.deleted, self.births = {}, set(), []
         self.seen, self.loaded, self.pending, self.behind_since = 0, False, [], None
         self.until = self.leader_confirmed = 0.0
-        self.election = self.replica_behind = False
+        self.election = False
+        self.replica_last = -1
         self.leader_answered = time.monotonic()
         self.created = None
         before = await self.leader_probe_once(nc)  # raises when there is no bucket
@@ -519,11 +568,13 @@ class _Monitor:
             silent = now - self.leader_answered > 2 * interval
             if self.allow_direct and silent and len(replicas) < _MAX_IN_FLIGHT:
                 self.spawn(self.replica_probe(nc), replicas)
+            # Replica reads need a replica holding every write the leader last told us of (a
+            # write may have reached it and not the watch: a read then takes the replica's).
+            covered = max((p.last_seq for p in self.pending), default=0) <= self.replica_last
             self.set_election(
                 self.allow_direct
                 and silent
-                and not self.pending
-                and not self.replica_behind
+                and covered
                 and self.leader_confirmed > 0
                 and now - self.leader_confirmed < self.s._election_limit
             )
@@ -552,10 +603,10 @@ class _Monitor:
 
     # -- probes --------------------------------------------------------------------------------
     async def request(self, nc: Client, subject: str, payload: bytes) -> Msg | None:
-        """None when nothing answered in time (no evidence either way); _Lost when JetStream
-        said it is not there."""
+        """None when nothing answered in time, or the connection is down (no evidence either
+        way); _Lost when JetStream said it is not there."""
         if not nc.is_connected:
-            raise _Lost("not connected")
+            return None
         try:
             return await nc.request(subject, payload, timeout=self.s._probe_timeout)
         except nats.errors.NoRespondersError:
@@ -691,9 +742,7 @@ class _Monitor:
                 last = int(headers.get("Nats-Sequence", ""))
             except ValueError:
                 return
-        self.replica_behind = last > self.seen
-        if self.replica_behind:
-            self.set_election(False)
+        self.replica_last = last
         # The replica holds nothing the copy lacks; the leader has not said the copy is behind,
         # and confirmed it recently enough for this to be the election it looks like.
         if (

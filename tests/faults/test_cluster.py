@@ -136,12 +136,16 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, lo
             assert new_leader[0] != leader
             known = [(t - killed, o) for t, o in probes.seen if o.role == "known" and t >= killed]
             if loaded:
-                # The storm's own server timeouts are issue 10's; not what is measured here.
-                slow = [o for _, o in known if not o.ours]
-                tally.notes["server timeouts while the storm ran (not checked here)"] = len(slow)
-                known = [(dt, o) for dt, o in known if o.ours]
+                # The storm's own timeouts (the server's, and the service's `store_timeout` when
+                # a replica's answer comes too late) are issue 10's, not what is measured here:
+                # counted, not checked. Any other deny of the known user still fails.
+                slow = [o for _, o in known if not o.ours or o.reason == "store_timeout"]
+                tally.notes["timeouts while the storm ran (not checked here)"] = len(slow)
+                slow_ids = {id(o) for o in slow}
+                known = [(dt, o) for dt, o in known if id(o) not in slow_ids]
                 tally.unbound(tally.outcomes)
-                tally.outcomes = [o for o in tally.outcomes if o.ours]
+                tally.outcomes = [o for o in tally.outcomes if id(o) not in slow_ids and o.ours]
+                assert any(o.admitted for dt, o in known if dt >= READMIT_WITHIN)
             first_admit = min((dt for dt, o in known if o.admitted), default=None)
             denied_after = [
                 (round(dt, 3), o) for dt, o in known if dt >= READMIT_WITHIN and not o.admitted
