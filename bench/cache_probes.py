@@ -7,6 +7,8 @@ On a fresh nats-server with a filled bucket, three phases of `--seconds` each:
 - idle: no client at all (the server's own background CPU);
 - simple: one STREAM.INFO every 250 ms on the event loop, the cache's probe before the
   contract (a 2 s staleness bound);
+- simple20: the same loop every 20 ms, the probe rate the contract needs, with nothing else
+  (no thread, no watch, no bookkeeping);
 - cache: a live WatchedStore (the leader probe every 20 ms, pipelined, on its own thread).
 
 For each: the server's CPU (from /proc), this process's CPU, and the JetStream API requests the
@@ -67,14 +69,15 @@ async def main() -> None:
             await asyncio.gather(*(kv.put(p, record(p[:12])) for p in pubs))
             results = {"idle": await phase(nc, server.pid, args.seconds)}
 
-            async def simple() -> None:
+            async def simple(every: float) -> None:
                 while True:
                     await nc.request("$JS.API.STREAM.INFO.KV_users", b"", timeout=1)
-                    await asyncio.sleep(0.25)
+                    await asyncio.sleep(every)
 
-            task = asyncio.create_task(simple())
-            results["simple"] = await phase(nc, server.pid, args.seconds)
-            task.cancel()
+            for name, every in (("simple", 0.25), ("simple20", 0.02)):
+                task = asyncio.create_task(simple(every))
+                results[name] = await phase(nc, server.pid, args.seconds)
+                task.cancel()
 
             store = WatchedStore(
                 nc,
@@ -95,6 +98,12 @@ async def main() -> None:
         s = args.seconds
         print(f"{name:<8} {srv / s * 1000:>16.2f} {own / s * 1000:>13.2f} {api / s:>10.1f}")
     simple, cache = results["simple"], results["cache"]
+    naive = results["simple20"]
+    print(
+        f"cache / simple20: server CPU over idle"
+        f" x{max(cache[0] - idle, 1e-9) / max(naive[0] - idle, 1e-9):.1f},"
+        f" own CPU x{cache[1] / max(naive[1], 1e-9):.1f}"
+    )
     server_ratio = max(cache[0] - idle, 1e-9) / max(simple[0] - idle, 1e-9)
     own_ratio = cache[1] / max(simple[1], 1e-9)
     api_ratio = cache[2] / max(simple[2], 1)

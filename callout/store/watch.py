@@ -55,7 +55,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from callout import log
-from callout.store.base import WouldBlock
+from callout.store.base import StoreError, WouldBlock
 from callout.store.kv import KVStore, is_delete, stream_name
 
 #: Builds the watch's own connection on the watch thread's event loop, given the callbacks
@@ -183,7 +183,12 @@ class WatchedStore:
         least as current as that replica (the monitor checks), so the newer of the two wins."""
         monitor = self._monitor
         seen = monitor.seen if monitor is not None else 0
-        entry = await self._direct.get_from_a_replica(key)
+        try:
+            entry = await self._direct.get_from_a_replica(key)
+        except StoreError:
+            # No replica answered (one that restarts serves direct gets only once caught
+            # up): the leader may be back by now; the caller's deadline bounds the wait.
+            return await self._direct.get(key)
         if entry is not None and entry[1] > seen:
             return entry[0]  # a write the copy has not had yet
         return view.records.get(key)
