@@ -18,14 +18,20 @@ nothing in it the copy lacks. Two kinds of probe:
   the copy only when the answering replica holds no write the copy lacks, the leader has not
   said the copy is behind, and the leader's last confirmation is under `election_limit` (10 s)
   old. This keeps the copy answering through a stream-leader election, when nothing can be
-  written: the copy holds every write acknowledged before the leader's last confirmation (at
-  most `window` before the leader died), and every write the watch delivered after it; the
-  leader sends the watch a write as it acknowledges it, so only a write whose delivery died
-  with the leader can be missing, and the replica probe catches it once the replica answering
-  holds it.
+  written. While the leader is silent, a lookup the copy cannot answer in time goes to a
+  replica's direct get instead of the leader, the newer of the replica's record and the
+  copy's winning, provided a replica holds every write the leader last reported.
+
+  What this cannot cover: a write the leader acknowledged in the instant before it died. The
+  followers apply a write (and a watch served by one delivers it) a millisecond or two after
+  the leader acknowledges it; in between, no reachable copy of the bucket holds it until a
+  new leader applies it, about 5 s later, and the copy cannot know of it.
 
 Where JetStream announces a loss, the copy stops answering on the announcement rather than at
-the next probe: the stream-deleted advisory, the watch connection's disconnect. Anything the
+the next probe: the stream-deleted advisory drops it, the watch connection's disconnect stops
+it (the copy is kept: after the reconnect the watch resumes from the copy's next sequence, as
+it does when its consumer is deleted or skips a message, and the copy answers again once a
+probe confirms it). Anything the
 store does not announce (JetStream switched off by a config reload, a purge, a stalled or
 vanished server) ends the copy's answers within `window` of the last probe that saw the store
 well, because nothing confirms it any more.
@@ -72,6 +78,8 @@ _MAX_PENDING = 64
 _MAX_IN_FLIGHT = 16
 # How often a direct read still waiting looks whether the copy can answer instead.
 _RECHECK = 0.01
+# Messages the copy may take from a replica rather than wait for the watch.
+_MAX_CATCH_UP = 100
 
 
 class _Lost(Exception):
@@ -126,7 +134,8 @@ class WatchedStore:
         self._info_subject = f"$JS.API.STREAM.INFO.{self._stream}"
         self._direct_subject = f"$JS.API.DIRECT.GET.{self._stream}"
         self._subject_prefix = f"$KV.{bucket}."
-        # Read by the decision path (any thread); replaced, never mutated, by the watch thread.
+        # Read by the decision path; the watch thread replaces the view, never changes it, and
+        # updates the records in it in place, one dict operation at a time (atomic under the GIL).
         self._view = _DARK
         self._main_down = False
         self.state = "loading"  # loading | live | election | disconnected | unavailable | stopped
@@ -323,6 +332,7 @@ class _Monitor:
         self.election = False
         self.disconnected = False
         self.replica_last = -1  # the last message a replica probe found (-1: none answered)
+        self.catching_up = False
         self.leader_confirmed = 0.0  # send time of the last leader probe that confirmed
         self.leader_answered = 0.0  # when the leader last answered a probe
         self.tasks: set[asyncio.Task[None]] = set()
@@ -748,6 +758,9 @@ class _Monitor:
             except ValueError:
                 return
         self.replica_last = last
+        if self.seen < last <= self.seen + _MAX_CATCH_UP and not self.catching_up:
+            self.catching_up = True
+            self.spawn(self.catch_up(nc, last))
         # The replica holds nothing the copy lacks; the leader has not said the copy is behind,
         # and confirmed it recently enough for this to be the election it looks like.
         if (
@@ -885,29 +898,61 @@ class _Monitor:
             self.resume("watch missed a message")
             return
         self.cseq = meta.sequence.consumer
-        sseq = meta.sequence.stream
-        if sseq > self.seen:
-            key = msg.subject[len(self.s._subject_prefix) :]
-            old = self.records.get(key)
-            if old is None and key not in self.deleted:
-                self.births.append(sseq)
-            new: bytes | None
-            if is_delete(headers):
-                self.records.pop(key, None)
-                self.deleted.add(key)
-                new = None
-            else:
-                self.records[key] = new = msg.data
-                self.deleted.discard(key)
-            self.seen = sseq
-            if self.loaded:
-                if old != new:
-                    self.s._change(key, old, new)
-                self.confirm()
+        self.apply(meta.sequence.stream, msg.subject, headers, msg.data)
         if meta.num_pending == 0 and self.caught_up is not None:
             self.caught_up.set()
         elif self.caught_up is not None and not self.loaded:
             self.caught_up.set()  # progress during the load
+
+    def apply(self, sseq: int, subject: str, headers: dict[str, str] | None, data: bytes) -> None:
+        """One stream message, in stream order; one the copy already has is skipped."""
+        if sseq <= self.seen:
+            return
+        key = subject[len(self.s._subject_prefix) :]
+        old = self.records.get(key)
+        if old is None and key not in self.deleted:
+            self.births.append(sseq)
+        new: bytes | None
+        if is_delete(headers):
+            self.records.pop(key, None)
+            self.deleted.add(key)
+            new = None
+        else:
+            self.records[key] = new = data
+            self.deleted.discard(key)
+        self.seen = sseq
+        if self.loaded:
+            if old != new:
+                self.s._change(key, old, new)
+            self.confirm()
+
+    async def catch_up(self, nc: Client, last: int) -> None:
+        """Take the messages the copy lacks up to `last` from a replica, one direct get each:
+        while the stream elects a leader the watch cannot resume, and a write the watch missed
+        (it was on its way when the leader died) would otherwise keep the copy from answering
+        until the new leader. A message a replica holds is committed: the same the watch would
+        have delivered."""
+        try:
+            while self.seen < last:
+                seq = self.seen + 1
+                payload = orjson.dumps({"seq": seq})
+                msg = await self.request(nc, self.s._direct_subject, payload)
+                if msg is None:
+                    return
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "404":
+                    self.seen = max(self.seen, seq)  # gone (superseded): nothing to apply
+                    self.confirm()
+                    continue
+                subject = headers.get("Nats-Subject", "")
+                if status is not None or not subject.startswith(self.s._subject_prefix):
+                    return
+                self.apply(seq, subject, headers, msg.data)
+        except _Lost:
+            return
+        finally:
+            self.catching_up = False
 
     async def reply(self, subject: str) -> None:
         if self.nc is not None:
