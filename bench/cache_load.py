@@ -42,7 +42,11 @@ async def main() -> None:
             if args.memory:
                 tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
-            store = WatchedStore(nc, "users")
+            store = WatchedStore(
+                nc,
+                "users",
+                connect=lambda callbacks: nats_connect(server.url, keys.service_seed, **callbacks),
+            )
             start = time.monotonic()
             store.start()
             await asyncio.wait_for(store.live_event.wait(), 600)

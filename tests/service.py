@@ -30,7 +30,7 @@ from callout.records import Permissions
 from callout.service import CalloutService
 from callout.store import Store
 from callout.store.kv import KVStore
-from tests.harness import Keys, NatsServer
+from tests.harness import Keys, NatsServer, nats_connect
 
 APP = "APP"
 
@@ -293,3 +293,20 @@ __all__ = [
     "users_bucket",
     "write_seed",
 ]
+
+
+def watch_connection(nc: Any, seed: str) -> Any:
+    """The watch's own connection: same server as `nc`, the identity of `seed`, reconnecting."""
+    url = nc.connected_url.geturl()
+
+    def connect(callbacks: dict[str, Any]) -> Any:
+        return nats_connect(
+            url,
+            seed,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.1,
+            **callbacks,
+        )
+
+    return connect

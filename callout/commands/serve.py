@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
+from nats.aio.client import Client
+
 from callout import log, operations, recording
 from callout.commands.common import (
     Identity,
@@ -236,7 +238,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     watched: WatchedStore | None = None
     # Live revocation needs the watch even when lookups do not use it.
     if args.users_cache == "watch" or revoker is not None:
-        watched = WatchedStore(nc, args.users_bucket, direct=direct)
+
+        def watch_connection(
+            callbacks: dict[str, Callable[..., Awaitable[None]]],
+        ) -> Awaitable[Client]:
+            # The watch's own connection, on its own thread: see callout/store/watch.py.
+            return connect(
+                args.nats_url,
+                identity,
+                name="callout-users-watch",
+                reconnect=True,
+                callbacks=callbacks,
+            )
+
+        watched = WatchedStore(nc, args.users_bucket, connect=watch_connection, direct=direct)
         listeners.append(watched)
         if revoker is not None:
             watched.listeners.append(revoker.record_changed)

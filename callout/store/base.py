@@ -1,11 +1,12 @@
 """The store interface the service depends on.
 
-One method, because the decision path needs one thing: the record for a key, or the fact
-that there is none — and, where the store can tell, that the key had one and it was deleted
+One question, because the decision path needs one thing: the record for a key, or the fact
+that there is none, and, where the store can tell, that the key had one and it was deleted
 (`TOMBSTONE`): soft mode admits a key that never had a record, never one that was deleted.
 Everything else (a missing bucket, JetStream down, a timeout) is a `StoreError`, which the
-decision turns into a deny: "no answer" must never be mistaken for "no record", or soft
-mode would admit everyone while the store is down.
+decision turns into a deny: "no answer" must never be mistaken for "no record", or soft mode
+would admit everyone while the store is down. `get_nowait` asks the same question of a store
+that may know the answer without a round trip (a cache).
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ class Tombstone(bytes):
 TOMBSTONE: Final = Tombstone()
 
 
+class WouldBlock(Exception):
+    """`get_nowait` cannot answer without a round trip: only the awaited `get` can answer now."""
+
+
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None:
         """The record stored under `key`; `TOMBSTONE` when its last write deleted it (stores
         that can tell); None when there is certainly no record and no delete marker."""
+        ...
+
+    def get_nowait(self, key: str) -> bytes | None:
+        """What `get` would answer, when it can be answered without waiting; else WouldBlock."""
         ...

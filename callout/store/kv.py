@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 from nats.js.kv import KeyValue
 
-from callout.store.base import TOMBSTONE, StoreError, Tombstone
+from callout.store.base import TOMBSTONE, StoreError, Tombstone, WouldBlock
 
 # JetStream API error codes (nats-server server/errors.json).
 _NO_MESSAGE = 10037  # JSNoMessageFoundErr
@@ -113,6 +113,9 @@ class KVStore:
         self._subject_prefix = f"$KV.{bucket}."
         self._timeout = request_timeout
 
+    def get_nowait(self, key: str) -> bytes | None:
+        raise WouldBlock  # every answer is a round trip
+
     async def get(self, key: str) -> bytes | None:
         """The record, `TOMBSTONE` when the key's last message is a delete marker, None when
         the key has no message at all."""
@@ -147,6 +150,35 @@ class KVStore:
         except (binascii.Error, ValueError, TypeError):
             raise StoreError("stream message data is not base64") from None
         return value, seq if isinstance(seq, int) else 0
+
+    async def get_from_a_replica(self, key: str) -> tuple[bytes | None, int] | None:
+        """`key`'s last message as whichever replica answers holds it (a direct get, which needs
+        the stream's `allow_direct`): (value, or None for a delete, and its stream sequence),
+        or None when that replica holds no message for the key. Unlike `get`, this is answered
+        while the stream has no leader; the caller judges how current the replica is."""
+        if not self._nc.is_connected:
+            raise StoreError("not connected to NATS")
+        subject = f"$JS.API.DIRECT.GET.{stream_name(self.bucket)}"
+        request = orjson.dumps({"last_by_subj": self._subject_prefix + key})
+        try:
+            msg = await self._nc.request(subject, request, timeout=self._timeout)
+        except nats.errors.NoRespondersError:
+            raise StoreError("no replica serves direct gets") from None
+        except nats.errors.TimeoutError:
+            raise StoreError("no replica answered") from None
+        except nats.errors.Error as exc:
+            raise StoreError(f"NATS error: {type(exc).__name__}") from None
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return None
+        if status is not None:
+            raise StoreError(f"direct get answered {status}")
+        try:
+            seq = int(headers.get("Nats-Sequence", ""))
+        except ValueError:
+            raise StoreError("direct get answer without a sequence") from None
+        return (None if is_delete(headers) else msg.data), seq
 
 
 class BucketConfigError(StoreError):
@@ -187,6 +219,9 @@ async def ensure_bucket(nc: Client, bucket: str, replicas: int | None) -> None:
                     history=HISTORY,
                     replicas=replicas or 1,
                     storage=StorageType.FILE,
+                    # Any replica answers a direct get: the users cache reads the stream's
+                    # last message from one to stay available through a leader election.
+                    direct=True,
                     description="callout user records (key: user public nkey)",
                 )
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from callout.store.base import TOMBSTONE, StoreError
+from callout.store.base import TOMBSTONE, StoreError, WouldBlock
 
 
 @dataclass
@@ -24,6 +24,15 @@ class MemoryStore:
             await asyncio.sleep(self.delay)
         if self.error is not None:
             raise StoreError(self.error)
+        return self._value(key)
+
+    def get_nowait(self, key: str) -> bytes | None:
+        if self.delay or self.error is not None:
+            raise WouldBlock  # the awaited get waits, or fails
+        self.lookups += 1
+        return self._value(key)
+
+    def _value(self, key: str) -> bytes | None:
         value = self.records.get(key)
         if value is None and key in self.deleted:
             return TOMBSTONE

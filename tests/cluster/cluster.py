@@ -19,6 +19,7 @@ import contextlib
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -210,6 +211,26 @@ class Cluster:
                 return
         finally:
             await nc.close()
+
+    async def wait_direct_gets(self, stream: str = USERS_STREAM, timeout: float = 15.0) -> None:
+        """Until every node's replica of `stream` serves direct gets. A follower joins the
+        direct-get queue group only once it has caught up with the leader, checked about
+        every 2 s after the stream is created (nats-server 2.15); until then a direct get
+        reaches the leader alone. Seen in each node's subscriptions (`/subsz`), by polling:
+        the server announces it by no event."""
+        query = urllib.parse.urlencode(
+            {"subs": "1", "acc": "AUTH", "test": f"$JS.API.DIRECT.GET.{stream}"}
+        )
+
+        def serves(node: NatsServer) -> bool:
+            with urllib.request.urlopen(f"{node.monitor_url}/subsz?{query}", timeout=2) as r:
+                doc = orjson.loads(r.read())
+            return any(sub.get("qgroup") == "_sys_" for sub in doc.get("subscriptions_list") or [])
+
+        deadline = time.monotonic() + timeout
+        while not all([await asyncio.to_thread(serves, node) for node in self.nodes]):
+            assert time.monotonic() < deadline, f"{stream}: not every replica serves direct gets"
+            await asyncio.sleep(0.1)
 
     async def stream_info(self, nc: Client, stream: str = USERS_STREAM) -> dict[str, Any]:
         msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)

@@ -34,8 +34,8 @@ from tests.harness import Keys, NatsServer, new_user
 from tests.service import record, users_bucket
 
 RECOVER_WITHIN = 10.0
-#: Past the users cache's stream probe timeout (1 s) as well as --backend-timeout, so the
-#: cache stops answering and lookups go to the (slow) bucket.
+#: Past --backend-timeout and the users cache's window (80 ms), so the cache stops answering
+#: and lookups go to the (slow) bucket.
 SLOW = 1.2
 
 
@@ -123,10 +123,10 @@ async def test_revocation_while_jetstream_stalls(
     proxy: tuple[NatsServer, FaultProxy], keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
     """JetStream stalls for the service (its store traffic held back both ways, the watch's
-    deliveries included; a stream leader that dies right after acknowledging a write looks
-    the same) just as a user is revoked. The users cache may go on admitting that user for
-    its documented staleness bound (`CACHE_STALENESS`), never longer; after that the user is
-    denied by the service (`store_timeout`: the bucket does not answer either)."""
+    deliveries included) just as a user is revoked. The users cache may go on admitting that
+    user for its contract's bound (`CACHE_STALENESS`, 100 ms after the revocation was
+    acknowledged), never longer; after that the user is denied by the service
+    (`store_timeout`: the bucket does not answer either)."""
     server, p = proxy
     late_seed, late = new_user()
     async with rig(server, keys, tmp_path, serve=None) as r:

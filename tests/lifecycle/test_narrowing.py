@@ -19,7 +19,7 @@ from callout.store.kv import KVStore
 from callout.store.watch import WatchedStore
 from tests.harness import Keys, nats_connect, new_user, raw_connect
 from tests.lifecycle.conftest import closed
-from tests.service import policy_for, record, serve_args, spawn, users_bucket
+from tests.service import policy_for, record, serve_args, spawn, users_bucket, watch_connection
 
 
 async def test_narrowing_a_record_closes_its_sessions_and_widening_does_not(
@@ -92,7 +92,12 @@ async def test_the_first_load_kicks_what_was_revoked_before_the_cache_went_live(
     system = await nats.connect(server.url, nkeys_seed_str=system_seed)
     policy = policy_for(keys)
     revoker = Revoker(system, policy.user_ttl, policy)
-    watched = WatchedStore(nc, "users", direct=KVStore(nc, "users"))
+    watched = WatchedStore(
+        nc,
+        "users",
+        connect=watch_connection(nc, keys.service_seed),
+        direct=KVStore(nc, "users"),
+    )
     watched.listeners.append(revoker.record_changed)
     watched.load_listeners.append(revoker.loaded)
     service = CalloutService(nc, Authorizer(policy), watched)

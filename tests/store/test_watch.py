@@ -4,17 +4,19 @@ and falls back to direct lookups (never to stale data) otherwise."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from callout.store import TOMBSTONE, StoreError
+from callout.store import TOMBSTONE, StoreError, WouldBlock
 from callout.store.kv import KVStore
 from callout.store.watch import WatchedStore
 from tests.harness import Keys, nats_connect, new_user
-from tests.service import record, users_bucket
+from tests.service import record, users_bucket, watch_connection
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
@@ -35,10 +37,16 @@ class CountingStore(KVStore):
         return await super().get(key)
 
 
-async def watched(nc: Any, **kw: Any) -> tuple[WatchedStore, CountingStore]:
+async def watched(
+    nc: Any, keys: Keys, *, start: bool = True, **kw: Any
+) -> tuple[WatchedStore, CountingStore]:
     direct = CountingStore(nc, "users")
-    store = WatchedStore(nc, "users", direct=direct, probe_interval=0.05, retry_interval=0.1, **kw)
-    store.start()
+    kw.setdefault("retry_interval", 0.1)
+    store = WatchedStore(
+        nc, "users", connect=watch_connection(nc, keys.service_seed), direct=direct, **kw
+    )
+    if start:
+        store.start()
     return store, direct
 
 
@@ -48,7 +56,7 @@ async def test_live_cache_answers_without_round_trips(nats_server: Any, keys: Ke
     kv = await users_bucket(nc)
     _, alice = new_user()
     await kv.put(alice, record("alice"))
-    store, direct = await watched(nc)
+    store, direct = await watched(nc, keys)
     try:
         await asyncio.wait_for(store.live_event.wait(), 5)
         assert store.size == 1
@@ -70,7 +78,7 @@ async def test_revocation_reaches_every_replica_within_100ms(nats_server: Any, k
     replicas = []
     for _ in range(2):
         nc = await nats_connect(server.url, keys.service_seed)
-        replicas.append((nc, *(await watched(nc))))
+        replicas.append((nc, *(await watched(nc, keys))))
     try:
         for _, store, _ in replicas:
             await until(lambda s=store: s.live)  # type: ignore[misc]
@@ -78,12 +86,12 @@ async def test_revocation_reaches_every_replica_within_100ms(nats_server: Any, k
         await kv.put(alice, revoked)
         written = time.monotonic()
         for _, store, _ in replicas:
-            await until(lambda s=store: s._records.get(alice) == revoked, timeout=2)  # type: ignore[misc]
+            await until(lambda s=store: s._view.records.get(alice) == revoked, timeout=2)  # type: ignore[misc]
             assert time.monotonic() - written < 0.1
             assert await store.get(alice) == revoked
         await kv.delete(alice)
         for _, store, _ in replicas:
-            await until(lambda s=store: alice not in s._records, timeout=2)  # type: ignore[misc]
+            await until(lambda s=store: alice not in s._view.records, timeout=2)  # type: ignore[misc]
             assert await store.get(alice) is TOMBSTONE
     finally:
         for nc, store, _ in replicas:
@@ -98,7 +106,7 @@ async def test_deleted_bucket_is_never_served_from_memory(nats_server: Any, keys
     kv = await users_bucket(nc)
     _, alice = new_user()
     await kv.put(alice, record("alice"))
-    store, _ = await watched(nc)
+    store, _ = await watched(nc, keys)
     try:
         await until(lambda: store.live)
         await nc.jetstream().delete_key_value("users")
@@ -125,7 +133,7 @@ async def test_quick_delete_and_recreate_is_detected(nats_server: Any, keys: Key
     users = [new_user()[1] for _ in range(3)]
     for pub in users:
         await kv.put(pub, record("x"))
-    store, _ = await watched(nc)
+    store, _ = await watched(nc, keys)
     try:
         await until(lambda: store.live)
         loads = store.loads
@@ -146,7 +154,7 @@ async def test_stream_purge_drops_the_copy(nats_server: Any, keys: Keys) -> None
     kv = await users_bucket(nc)
     _, alice = new_user()
     await kv.put(alice, record("alice"))
-    store, _ = await watched(nc)
+    store, _ = await watched(nc, keys)
     try:
         await until(lambda: store.live)
         loads = store.loads
@@ -184,7 +192,7 @@ async def test_disconnect_stops_answering_and_reconnect_reloads(
     kv = await users_bucket(nc)
     _, alice = new_user()
     await kv.put(alice, record("alice"))
-    store, _ = await watched(nc)
+    store, _ = await watched(nc, keys)
     stores.append(store)
     try:
         await until(lambda: store.live)
@@ -215,7 +223,7 @@ async def test_a_deleted_key_is_a_tombstone_and_a_key_never_written_is_none(
     await kv.delete(alice)
     await kv.purge(bob)
     direct = KVStore(nc, "users")
-    store, _ = await watched(nc)
+    store, _ = await watched(nc, keys)
     try:
         await until(lambda: store.live)
         for lookup in (store, direct):
@@ -228,7 +236,7 @@ async def test_a_deleted_key_is_a_tombstone_and_a_key_never_written_is_none(
         await nc.close()
 
 
-async def test_load_listeners_get_every_whole_copy_before_it_answers(
+async def test_load_listeners_get_every_whole_copy_a_reload_included(
     nats_server: Any, keys: Keys
 ) -> None:
     server = nats_server()
@@ -238,8 +246,7 @@ async def test_load_listeners_get_every_whole_copy_before_it_answers(
     await kv.put(alice, record("alice"))
     await kv.put(bob, record("bob"))
     await kv.delete(bob)
-    direct = CountingStore(nc, "users")
-    store = WatchedStore(nc, "users", direct=direct, probe_interval=0.05, retry_interval=0.1)
+    store, _ = await watched(nc, keys, start=False)
     copies: list[tuple[dict[str, bytes], bool]] = []
     store.load_listeners.append(lambda copy: copies.append((dict(copy), store.live)))
     store.start()
@@ -247,8 +254,10 @@ async def test_load_listeners_get_every_whole_copy_before_it_answers(
         await until(lambda: store.live)
         # The first load too, and before the copy answered (live still False).
         assert copies == [({alice: record("alice")}, False)]
+        # The bucket goes and comes back with alice revoked: the reload is a whole copy too.
+        await nc.jetstream().delete_key_value("users")
+        kv = await users_bucket(nc)
         await kv.put(alice, record("alice", revoked=True))
-        store.reconnected()  # a reload, as after a reconnect
         await until(lambda: len(copies) == 2 and store.live)
         assert copies[1] == ({alice: record("alice", revoked=True)}, False)
     finally:
@@ -262,7 +271,7 @@ async def test_large_bucket_loads_completely(nats_server: Any, keys: Keys) -> No
     kv = await users_bucket(nc)
     pubs = [new_user()[1] for _ in range(2000)]
     await asyncio.gather(*(kv.put(p, record(p[:8])) for p in pubs))
-    store, direct = await watched(nc)
+    store, direct = await watched(nc, keys)
     try:
         await until(lambda: store.live, timeout=30)
         assert store.size == len(pubs)
@@ -273,11 +282,153 @@ async def test_large_bucket_loads_completely(nats_server: Any, keys: Keys) -> No
         await nc.close()
 
 
-async def test_unanswered_probes_stop_the_copy_after_max_unverified(
+async def test_a_silent_jetstream_stops_the_copy_within_the_window(
     nats_server: Any, keys: Keys
 ) -> None:
-    from callout.store import watch
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, direct = await watched(nc, keys)
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        monitor = store._monitor
+        assert monitor is not None
+        real_request = monitor.request
 
+        async def silent(*_: Any) -> None:
+            return None  # no answer: a stalled JetStream, as the probes see it
+
+        monitor.request = silent  # type: ignore[method-assign]
+        silenced = time.monotonic()
+        took = await until(lambda: not store.live, timeout=5)
+        # The contract's bound: a confirmation answers for 80 ms after its probe was sent.
+        assert took < 0.1, f"answered from memory {took * 1000:.0f} ms after the store went silent"
+        with pytest.raises(WouldBlock):
+            store.get_nowait(alice)
+        assert await store.get(alice) == record("alice") and direct.calls == 1
+        monitor.request = real_request  # type: ignore[method-assign]
+        await until(lambda: store.live, timeout=5)
+        assert store.get_nowait(alice) == record("alice")
+        assert time.monotonic() - silenced < 5
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+def spin(seconds: float, each: Callable[[], None]) -> None:
+    """Hold the event loop (and the GIL, between switches) like a connect storm does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        each()
+
+
+async def test_a_busy_event_loop_does_not_stop_the_copy_answering(
+    nats_server: Any, keys: Keys
+) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, _ = await watched(nc, keys)
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        answers: list[bytes | None] = []
+        blocked = 0
+
+        def ask() -> None:
+            nonlocal blocked
+            try:
+                answers.append(store.get_nowait(alice))
+            except WouldBlock:
+                blocked += 1
+
+        spin(1.0, ask)  # twelve windows long: only the watch thread keeps the copy confirmed
+        assert blocked == 0 and len(answers) > 1000
+        assert set(answers) == {record("alice")}
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_a_busy_event_loop_does_not_stretch_the_fail_closed_bound(
+    nats_server: Any, keys: Keys
+) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, _ = await watched(nc, keys)
+    deleted_at: list[float] = []
+
+    def delete_soon() -> None:
+        # Another thread, another loop, another connection: the service's loop is busy.
+        async def run() -> None:
+            admin = await nats_connect(server.url, keys.service_seed)
+            await asyncio.sleep(0.3)
+            await admin.jetstream().delete_key_value("users")
+            deleted_at.append(time.monotonic())
+            await admin.close()
+
+        asyncio.run(run())
+
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        last_answer = 0.0
+
+        def ask() -> None:
+            nonlocal last_answer
+            with contextlib.suppress(WouldBlock):
+                store.get_nowait(alice)
+                last_answer = time.monotonic()
+
+        deleter = threading.Thread(target=delete_soon)
+        deleter.start()
+        spin(1.0, ask)
+        deleter.join()
+        assert deleted_at and last_answer
+        window = last_answer - deleted_at[0]
+        assert window < 0.1, f"answered from memory {window * 1000:.0f} ms after the delete"
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_get_nowait_answers_exactly_when_get_answers_from_memory(
+    nats_server: Any, keys: Keys
+) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, direct = await watched(nc, keys)
+    try:
+        with pytest.raises(WouldBlock):
+            store.get_nowait(alice)  # still loading
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        assert store.get_nowait(alice) == await store.get(alice) == record("alice")
+        assert store.get_nowait(new_user()[1]) is None
+        assert direct.calls == 0
+        await kv.delete(alice)
+        await until(lambda: store.get_nowait(alice) is None)
+        assert store.deleted(alice) and not store.deleted(new_user()[1])
+        store.disconnected()  # the service's own connection dropped
+        with pytest.raises(WouldBlock):
+            store.get_nowait(alice)
+        store.reconnected()
+        assert store.get_nowait(alice) is None
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_load_listeners_see_the_whole_copy_before_it_answers(
+    nats_server: Any, keys: Keys
+) -> None:
     server = nats_server()
     nc = await nats_connect(server.url, keys.service_seed)
     kv = await users_bucket(nc)
@@ -285,24 +436,53 @@ async def test_unanswered_probes_stop_the_copy_after_max_unverified(
     await kv.put(alice, record("alice"))
     direct = CountingStore(nc, "users")
     store = WatchedStore(
-        nc, "users", direct=direct, probe_interval=0.05, retry_interval=0.1, max_unverified=0.5
+        nc, "users", connect=watch_connection(nc, keys.service_seed), direct=direct
     )
+    seen: list[tuple[dict[str, bytes], bool]] = []
+    store.load_listeners.append(lambda copy: seen.append((dict(copy), store.live)))
+    changes: list[tuple[str, bytes | None, bytes | None]] = []
+    store.listeners.append(lambda *change: changes.append(change))
     store.start()
     try:
         await asyncio.wait_for(store.live_event.wait(), 5)
-        real_probe = store._probe
+        assert seen == [({alice: record("alice")}, False)]
+        await kv.put(alice, record("alice", revoked=True))
+        await until(lambda: len(changes) == 1)
+        assert changes == [(alice, record("alice"), record("alice", revoked=True))]
+    finally:
+        await store.stop()
+        await nc.close()
 
-        async def unanswered() -> Any:
-            raise watch._ProbeTimeout
 
-        store._probe = unanswered  # type: ignore[method-assign]
-        # A few unanswered probes change nothing: the copy still answers ...
-        assert await store.get(alice) == record("alice") and direct.calls == 0
-        # ... until its last confirmation is too old; then lookups go to the bucket.
-        await until(lambda: not store.live, timeout=5)
-        assert await store.get(alice) == record("alice") and direct.calls == 1
-        store._probe = real_probe  # type: ignore[method-assign]
-        await until(lambda: store.live, timeout=5)
+async def test_a_deleted_watch_consumer_resumes_without_losing_a_write(
+    nats_server: Any, keys: Keys
+) -> None:
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    await kv.put(alice, record("alice"))
+    store, _ = await watched(nc, keys)
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        monitor = store._monitor
+        assert monitor is not None and monitor.consumer is not None
+        loads, consumer = store.loads, monitor.consumer
+        await nc.jetstream().delete_consumer("KV_users", consumer)
+        revoked = record("alice", revoked=True)
+        await kv.put(alice, revoked)  # made while the watch may be gone
+        written = time.monotonic()
+        answers: list[bytes | None] = []
+        while time.monotonic() - written < 0.5:
+            with contextlib.suppress(WouldBlock):
+                answers.append(store.get_nowait(alice))
+                if time.monotonic() - written > 0.1:
+                    assert answers[-1] == revoked  # never the old record past the bound
+            await asyncio.sleep(0.001)
+        await until(lambda: monitor.consumer not in (None, consumer))
+        await until(lambda: store.live)
+        assert store.get_nowait(alice) == revoked
+        assert store.loads == loads  # resumed from where the copy was, not reloaded
     finally:
         await store.stop()
         await nc.close()
@@ -320,7 +500,7 @@ async def test_subject_purge_beside_a_deleted_key_drops_the_copy(
     for pub in pubs:
         await kv.put(pub, record("x"))
     await kv.delete(pubs[2])
-    store, _ = await watched(nc)
+    store, _ = await watched(nc, keys)
     try:
         await asyncio.wait_for(store.live_event.wait(), 5)
         loads = store.loads
