@@ -414,13 +414,13 @@ async def test_get_nowait_answers_exactly_when_get_answers_from_memory(
         assert store.get_nowait(new_user()[1]) is None
         assert direct.calls == 0
         await kv.delete(alice)
-        await until(lambda: store.get_nowait(alice) is None)
+        await until(lambda: store.get_nowait(alice) is TOMBSTONE)
         assert store.deleted(alice) and not store.deleted(new_user()[1])
         store.disconnected()  # the service's own connection dropped
         with pytest.raises(WouldBlock):
             store.get_nowait(alice)
         store.reconnected()
-        assert store.get_nowait(alice) is None
+        assert store.get_nowait(alice) is TOMBSTONE
     finally:
         await store.stop()
         await nc.close()
