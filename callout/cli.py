@@ -54,6 +54,12 @@ def _nats_error(exc: nats.errors.Error) -> str:
     return str(exc).removeprefix("nats: ") or type(exc).__name__
 
 
+def _error(text: str) -> None:
+    # One write: a thread still logging (the users watch) must not land inside the line.
+    sys.stderr.write(f"callout: error: {text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "logs", False):
@@ -64,13 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = _run(result, getattr(args, "event_loop", "asyncio"))
         return int(result)
     except (UserError, SeedFileError, KeyError_, RecordError, StoreError) as exc:
-        print(f"callout: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         usage = UserError | SeedFileError | KeyError_ | RecordError | kvstore.BucketConfigError
         return 2 if isinstance(exc, usage) else 1
     except nats.errors.Error as exc:
         # What a command did not map to a StoreError of its own (a NATS failure mid-command)
         # is still one line, never a traceback.
-        print(f"callout: error: NATS: {_nats_error(exc)}", file=sys.stderr)
+        _error(f"NATS: {_nats_error(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130
