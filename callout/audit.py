@@ -9,7 +9,7 @@ once with the same `Nats-Msg-Id`, which the stream de-duplicates, so a lost *ack
 store a message twice.
 
 `Nats-Msg-Id` is the request id: the requesting server's id and the request's `user_nkey`,
-which nats-server makes fresh for every request (protocol.md §1). A replayed request carries
+which nats-server makes fresh for every request (docs/protocol.md §1). A replayed request carries
 the same id, so a replay is a separate event with its own message id, not a duplicate.
 """
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 nats-server publishes one authorization request per connecting client and waits, up to its
-`authorization.timeout`, for one response (shared/protocol.md §0). A request is admitted only
+`authorization.timeout`, for one response (docs/protocol.md §0). A request is admitted only
 when it passes three gates, in this order; anything else is a deny with exactly one reason
 from the table below, answered at once (silence costs the client the full server timeout).
 
@@ -13,15 +13,15 @@ from the table below, answered at once (silence costs the client the full server
    any plausible clock skew: `EXP_LEEWAY`). A request
    that does not get this far cannot be answered with a signed error (we do not know whom
    to address it to), so it is answered with an empty body, which the server treats as an
-   immediate deny (protocol.md §3 check 1). It must also be new: the same server's
+   immediate deny (docs/protocol.md §3 check 1). It must also be new: the same server's
    `user_nkey` (fresh per request) or client nonce seen before is a `replay` (never `jti`,
-   which repeats, protocol.md §4). A replayed request (same server, same `user_nkey`, or seen
+   which repeats, docs/protocol.md §4). A replayed request (same server, same `user_nkey`, or seen
    by the shared replay record) is dropped unanswered, like an expired one: a second reply to
    an inbox the server still listens on can disconnect the client the first one admitted
-   (protocol.md §3, "two replies"). A new request reusing a nonce gets a signed error.
+   (docs/protocol.md §3, "two replies"). A new request reusing a nonce gets a signed error.
 2. **The client proved its key.** `connect_opts.sig` must be the signature of
    `connect_opts.nkey` over `client_info.nonce`. nats-server does not check this for keys it
-   does not know (protocol.md §1, "The server does not check nkeys it doesn't know"), so if
+   does not know (docs/protocol.md §1, "The server does not check nkeys it doesn't know"), so if
    we do not, nobody does. This gate applies to internal keys too. A source host whose
    requests keep failing this gate gets its further failures refused as `throttled`; a
    request that passes it is never refused for its host, only for its own key when that
@@ -71,7 +71,7 @@ from callout.store.base import TOMBSTONE
 
 # ---------------------------------------------------------------------------------------------
 # Reasons. Each decision carries exactly one; it is the `reason` field of the decision log line
-# and the `error` text the server logs (never shown to the client, protocol.md §3).
+# and the `error` text the server logs (never shown to the client, docs/protocol.md §3).
 # ---------------------------------------------------------------------------------------------
 ADMIT: Final = "admit"  # known user, record allows it
 ADMIT_INTERNAL: Final = "internal"  # --internal-key, no store lookup
@@ -117,16 +117,16 @@ ADMIT_REASONS: Final = frozenset({ADMIT, ADMIT_INTERNAL, WOULD_DENY})
 _HOST_FAILURES: Final = frozenset({BAD_NKEY, NO_SIGNATURE, BAD_SIGNATURE})
 _KEY_FAILURES: Final = frozenset({UNKNOWN_USER, REVOKED, RECORD_INVALID, ACCOUNT_NOT_ALLOWED})
 
-# Requests are 1.1-1.5 KB, more with client certificate chains (protocol.md §1): 128 KiB
+# Requests are 1.1-1.5 KB, more with client certificate chains (docs/protocol.md §1): 128 KiB
 # leaves room for long chains and stops a flood of huge messages from costing much.
 MAX_REQUEST_BYTES: Final = 128 * 1024
-# `exp` is the server's clock in whole seconds, truncated (protocol.md §1, "exp ...
+# `exp` is the server's clock in whole seconds, truncated (docs/protocol.md §1, "exp ...
 # truncated"), and ours may differ by seconds: a request is dropped as expired only when it is
 # past exp by more than any plausible skew between the two hosts. Answering in time does not
 # depend on it: `Request.deadline` measures from our own receive time.
 EXP_LEEWAY: Final = 30.0
 # The server's wait as the request states it (exp - iat) is believed up to this: nats-server
-# warns above 60 s (protocol.md §3, "Server-side timeout").
+# warns above 60 s (docs/protocol.md §3, "Server-side timeout").
 MAX_SERVER_TIMEOUT: Final = 120.0
 # Taken off the server's wait for the answer's trip back to it.
 REPLY_MARGIN: Final = 0.05
@@ -136,7 +136,7 @@ _RAW_URL = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_NONCE = 128
 _MAX_SIG_TEXT = 128
 # `client_info.kind` as nats-server spells it for the connections it calls out, and the names
-# --allow-kind uses (protocol.md §1, client_info). WebSocket and MQTT clients are kind Client
+# --allow-kind uses (docs/protocol.md §1, client_info). WebSocket and MQTT clients are kind Client
 # (their transport is `type`).
 CLIENT_KINDS: Final = {"Client": "client", "Leafnode": "leafnode"}
 
@@ -144,7 +144,7 @@ CLIENT_KINDS: Final = {"Client": "client", "Leafnode": "leafnode"}
 @dataclass(frozen=True, slots=True)
 class AccountSigner:
     """Operator mode: the key that signs one target account's user JWTs. The server places a
-    user in the account that issued its JWT (protocol.md §3 check 15), so this key *is* the
+    user in the account that issued its JWT (docs/protocol.md §3 check 15), so this key *is* the
     placement: the account's own key, or one of its signing keys."""
 
     key: SigningKey
@@ -152,7 +152,7 @@ class AccountSigner:
 
     @property
     def issuer_account(self) -> str | None:
-        """Set only when signing with a signing key (protocol.md §5, operator mode)."""
+        """Set only when signing with a signing key (docs/protocol.md §5, operator mode)."""
         return None if keys_equal(self.key.public, self.account) else self.account
 
 
@@ -172,11 +172,11 @@ class Policy:
     backend_timeout: float = 1.0
     # Never placed, whatever --allowed-account says: the system account and the callout
     # account (a user there could answer auth requests). Config mode has no server-side
-    # check on the user JWT's aud (protocol.md §5, "Placing a user in an account").
+    # check on the user JWT's aud (docs/protocol.md §5, "Placing a user in an account").
     forbidden_accounts: frozenset[str] = frozenset({"SYS", "$SYS"})
     # Operator mode (empty in config mode): target account name -> its signer; and, when the
     # issuer is a signing key of the callout account, that account's public key. Config mode
-    # must never set issuer_account: the server refuses it there (protocol.md §3 check 14).
+    # must never set issuer_account: the server refuses it there (docs/protocol.md §3 check 14).
     signers: Mapping[str, AccountSigner] = field(default_factory=dict)
     issuer_account: str | None = None
     # Failures allowed per key / per source host in `fail_window` seconds before that key or
@@ -186,7 +186,7 @@ class Policy:
     fail_window: float = 10.0
     # Operator mode: account public keys never placed into whatever signer names them (the
     # system account's; the callout account's is refused by its issuer key). Placement there
-    # is by key (protocol.md §3 check 15), so the name check above cannot see it.
+    # is by key (docs/protocol.md §3 check 15), so the name check above cannot see it.
     forbidden_account_keys: frozenset[str] = frozenset()
     # The connection kinds admitted (`CLIENT_KINDS` values): a leafnode connection is a whole
     # server joining the account, not one client, and must be allowed explicitly.
@@ -318,7 +318,8 @@ ReplayAnswer = FirstSight | SeenBefore | Unavailable | TimedOut
 
 def _b64_signature(text: str) -> bytes | None:
     """Client sigs come as RawURL base64 (Go) or padded standard base64 (nats-py); the server
-    tries RawURL then Std (protocol.md §1, "Encoding"). Strict: stray characters are garbage."""
+    tries RawURL then Std (docs/protocol.md §1, "Encoding"). Strict: stray characters are
+    garbage."""
     try:
         if _RAW_URL.fullmatch(text):
             if len(text) % 4 == 1:
@@ -508,7 +509,7 @@ class Authorizer:
             return Decision(reason, detail, client_key=shown)
 
         # The request is signed by `iss`; it must be the server that says it sent it, or
-        # any server key could speak for any other (protocol.md §4, "Verifying the request").
+        # any server key could speak for any other (docs/protocol.md §4, "Verifying the request").
         if not keys_equal(issuer, server_id):
             return deny(WRONG_SERVER, "iss is not nats.server_id.id")
         if claims.get("aud") != _REQUEST_AUDIENCE:
@@ -560,7 +561,7 @@ class Authorizer:
         if not self.seen.first_sight(server_id, user_nkey, until, valid_at):
             # The same request again: never answered. If the server still listens on its
             # inbox, a second reply there can disconnect the client the first one admitted
-            # (protocol.md §3, "two replies"). Dropped, logged and counted instead.
+            # (docs/protocol.md §3, "two replies"). Dropped, logged and counted instead.
             return refuse(REPLAY, "this server's user_nkey was seen before", drop=True)
         if nonce and not self.seen_nonces.first_sight(server_id, nonce, until, valid_at):
             # A new request (its own user_nkey and inbox, which only the server can sign) for

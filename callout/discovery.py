@@ -4,7 +4,7 @@ every replica in the callout account.
 
 nats-py's `nats.micro.Service` is not used to run it: its endpoints always make their own
 subscription and run their handler inline, one message after another, while the auth
-subscription has to stay on `CalloutService`'s concurrent handler (protocol.md §9, "Reconnect
+subscription has to stay on `CalloutService`'s concurrent handler (docs/protocol.md §9, "Reconnect
 storms"). So the three verbs are answered here, describing the endpoint `CalloutService`
 owns; the response documents are built with nats-py's own micro schema classes, so what we
 send is exactly what its micro client parses.

@@ -2,7 +2,7 @@
 
 Hand-rolled, not PyJWT: PyJWT needs a custom Algorithm subclass for ed25519-nkey, and its
 claim validation wants the key before decoding (a two-pass "peek at iss, then verify")
-and applies its own `aud` rules, which are not NATS's (shared/protocol.md §4, "PyJWT").
+and applies its own `aud` rules, which are not NATS's (docs/protocol.md §4, "PyJWT").
 The format itself is three base64url segments (no padding) and one Ed25519 signature
 over the first two, as in nats-io/jwt `v2/claims.go` `doEncode` and `v2/decoder.go`.
 

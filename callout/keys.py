@@ -1,7 +1,7 @@
 """NATS nkeys: the text encoding of public keys and seeds, and loading seeds from files.
 
 We carry our own codec rather than lean on the `nkeys` package because it has no
-curve (xkey) support (shared/protocol.md §2, "Python library gap") and no types;
+curve (xkey) support (docs/protocol.md §2, "Python library gap") and no types;
 the encoding is 30 lines: base32(prefix byte(s) + 32 raw bytes + CRC16-XMODEM,
 little-endian), without padding. The `nkeys` package stays in the test suite as an
 independent oracle for this module.

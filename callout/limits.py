@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 class SeenRequests:
     """Bounded memory of answered (server id, value) pairs, each kept until its request
     expires. Used with user_nkey (fresh per request) and with the client nonce, never with
-    jti, which repeats within a second (protocol.md §4, "The request jti is not unique").
+    jti, which repeats within a second (docs/protocol.md §4, "The request jti is not unique").
     When full, the oldest entries go first; a replayed request's response is addressed to a
     user key whose private half the server discarded, so forgetting early is not an admit."""
 

@@ -71,7 +71,7 @@ WARN_EVERY: Final = 10.0
 # How long `close` waits for the disk before giving up on what is still queued.
 CLOSE_TIMEOUT: Final = 5.0
 REDACTED: Final = "[REDACTED]"
-# connect_opts fields that are credentials (protocol.md §1, "connect_opts").
+# connect_opts fields that are credentials (docs/protocol.md §1, "connect_opts").
 SECRET_FIELDS: Final = ("pass", "auth_token", "jwt")
 FILE_PREFIX: Final = "requests-"
 FILE_SUFFIX: Final = ".jsonl"

@@ -89,7 +89,7 @@ def subject_problem(subject: object) -> str | None:
     """Why `subject` is not a valid NATS permission subject, or None when it is.
 
     Stricter than the server in one way: no spaces at all, so no queue-group permissions
-    (the server rejects them in publish permissions, protocol.md §3 check 11, and a
+    (the server rejects them in publish permissions, docs/protocol.md §3 check 11, and a
     record that carries one is more likely a mistake than an intent).
     """
     if not isinstance(subject, str):

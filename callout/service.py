@@ -4,7 +4,7 @@ It owns the promises the core cannot keep by itself:
 - every request is answered exactly once (one publish per message, on every path,
   exceptions included), except requests the server has certainly given up on;
 - requests are handled concurrently, up to `max_inflight` at once. nats-py runs a
-  subscription's callbacks one after another (protocol.md §9, "Reconnect storms"), so the
+  subscription's callbacks one after another (docs/protocol.md §9, "Reconnect storms"), so the
   callback only starts a task or queues the message, and never waits;
 - under a backlog the freshest request goes first: it is the one that can still make the
   server's deadline, while the oldest may already be lost. A backlog longer than

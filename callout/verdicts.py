@@ -1,11 +1,11 @@
-"""The server's verdict on our admits: nats-server checks every response we send (protocol.md
+"""The server's verdict on our admits: nats-server checks every response we send (docs/protocol.md
 §3, "Checks, in server order") and may still reject a connection we admitted, e.g. a record
 naming an account the server does not have, or an issuer key the server does not trust. The
 client only sees `Authorization Violation`, our own log says `admit`: nothing else shows the
 misconfiguration.
 
 nats-server reports every auth failure as a `$SYS.ACCOUNT.CLIENT.AUTH.ERR` event in the callout
-account (protocol.md §3, "What the client sees on deny") with the server id, the connection id
+account (docs/protocol.md §3, "What the client sees on deny") with the server id, the connection id
 (`client.id`, the request's `client_info.id`) and its reason. We keep the recent admits of
 this replica by (server id, connection id); an event matching one is the server overruling us:
 logged at error level with the server's reason, and counted by kind.
@@ -29,7 +29,7 @@ from callout.decision import Decision
 from callout.metrics import Metrics
 
 SUBJECT: Final = "$SYS.ACCOUNT.CLIENT.AUTH.ERR"
-# The prefix the server puts before the `error` of a deny we sent (protocol.md §3 check 7):
+# The prefix the server puts before the `error` of a deny we sent (docs/protocol.md §3 check 7):
 # our own denies, not a verdict on an admit.
 OUR_DENY: Final = "Auth callout service returned an error"
 MAX_EVENT_BYTES: Final = 64 * 1024
@@ -39,7 +39,7 @@ MAX_EVENT_BYTES: Final = 64 * 1024
 RECHECK: Final = 0.1
 ADMIT_TTL: Final = 30.0
 
-# Server reason text -> a bounded metric label. First match wins; see protocol.md §3.
+# Server reason text -> a bounded metric label. First match wins; see docs/protocol.md §3.
 _KINDS: Final = (
     ("No valid account", "unknown_account"),
     ("Wrong issuer", "wrong_issuer"),

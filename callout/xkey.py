@@ -1,4 +1,4 @@
-"""xkey encryption of callout requests and responses (shared/protocol.md §2).
+"""xkey encryption of callout requests and responses (docs/protocol.md §2).
 
 Wire format: b"xkv1" + 24-byte nonce + NaCl crypto_box (authenticated box between two
 curve keypairs, not a sealed box). The server's curve key changes on every server

@@ -2,7 +2,7 @@
 
 Everything here talks to a real ``nats-server`` binary and is deliberately
 independent of the ``callout`` package: keys are generated with nkeys/PyNaCl,
-the server is configured in config mode (``/work/shared/protocol.md`` §5) and
+the server is configured in config mode (`docs/protocol.md` §5) and
 ``raw_connect`` speaks the NATS client protocol by hand so tests can forge
 CONNECTs (wrong nonce, missing sig, claimed-vs-signing key mismatch; §1).
 """
@@ -65,12 +65,12 @@ __all__ = [
     "render_config",
 ]
 
-#: Subject the server publishes callout requests to (protocol.md §1).
+#: Subject the server publishes callout requests to (docs/protocol.md §1).
 AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
 #: Account event carrying the deny reason, published in the callout account (§3).
 AUTH_ERR_SUBJECT = "$SYS.ACCOUNT.CLIENT.AUTH.ERR"
 
-#: nkey prefix byte for curve (X25519) keys: base32-encodes to 'X' (protocol.md §2).
+#: nkey prefix byte for curve (X25519) keys: base32-encodes to 'X' (docs/protocol.md §2).
 PREFIX_BYTE_CURVE = 23 << 3
 
 READY_LINE = "Server is ready"
@@ -174,7 +174,7 @@ def decode_curve_public(public: str) -> bytes:
 
 
 def curve_public_from_seed(seed: str) -> str:
-    """``X...`` public key for an ``SX...`` seed (protocol.md §2)."""
+    """``X...`` public key for an ``SX...`` seed (docs/protocol.md §2)."""
     sk = nacl.public.PrivateKey(decode_curve_seed(seed))
     return encode_curve_public(bytes(sk.public_key))
 
@@ -204,7 +204,7 @@ def new_curve() -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Keys:
-    """Key material for one test deployment (protocol.md §5 minimal config)."""
+    """Key material for one test deployment (docs/protocol.md §5 minimal config)."""
 
     issuer_seed: str  # SA...: signs responses and user JWTs
     issuer_pub: str  # A...: auth_callout.issuer
@@ -258,7 +258,7 @@ def render_config(
     debug: bool = False,
     extra: str = "",
 ) -> str:
-    """Config-mode nats-server config with an auth callout (protocol.md §5).
+    """Config-mode nats-server config with an auth callout (docs/protocol.md §5).
 
     - ``callout_account`` (default ``AUTH``) holds the service nkey user plus every
       nkey in ``extra_auth_users``; all of them are ``auth_users`` (bypass the callout).
@@ -586,7 +586,7 @@ class NatsServer:
 async def nats_connect(
     url: str, seed: str | None = None, *, connect_timeout: float = 5.0, **kwargs: Any
 ) -> NATSClient:
-    """nats-py connection with test-friendly defaults (protocol.md §10 "Testing").
+    """nats-py connection with test-friendly defaults (docs/protocol.md §10 "Testing").
 
     ``connect_timeout`` exceeds the server auth timeout so a deny surfaces as
     ``Authorization Violation`` rather than a client-side timeout; no reconnects.
@@ -606,7 +606,7 @@ async def auth_errors(nc: NATSClient) -> asyncio.Queue[dict[str, Any]]:
     """Queue of decoded ``$SYS.ACCOUNT.CLIENT.AUTH.ERR`` events.
 
     ``nc`` must be a user of the callout account (e.g. the service identity): the
-    event is published in that account (protocol.md §3). Flushes before returning,
+    event is published in that account (docs/protocol.md §3). Flushes before returning,
     so the subscription is active on the server.
     """
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

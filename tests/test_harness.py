@@ -32,7 +32,7 @@ from tests.harness import (
     render_config,
 )
 
-# nats-io/nkeys xkeys_test.go vector (protocol.md §2)
+# nats-io/nkeys xkeys_test.go vector (docs/protocol.md §2)
 VECTOR_SEED = "SXAAXMRAEP6JWWHNB6IKFL554IE6LZVT6EY5MBRICPILTLOPHAG73I3YX4"
 VECTOR_PUB = "XAB3NANV3M6N7AHSQP2U5FRWKKUT7EG2ZXXABV4XVXYQRJGM4S2CZGHT"
 
@@ -113,7 +113,7 @@ async def test_service_identity_connects_and_uses_jetstream(
         entry = await kv.get("alice")
         assert entry.value == b'{"enabled":true}'
         info = nc._server_info  # server INFO as seen by nats-py
-        assert "nonce" in info  # nkey users configured => nonce (protocol.md §1)
+        assert "nonce" in info  # nkey users configured => nonce (docs/protocol.md §1)
     finally:
         await nc.close()
 
@@ -182,7 +182,7 @@ async def test_raw_connect_known_nkey_admitted(
     nats_server: ServerFactory, keys: Keys, encoding: str
 ) -> None:
     # The service nkey is a configured auth_user: the server verifies the sig itself
-    # (RawURL first, then std base64; protocol.md §1) and does not call out.
+    # (RawURL first, then std base64; docs/protocol.md §1) and does not call out.
     srv = nats_server(jetstream=False, auth_timeout=0.5)
     res = await raw_connect(srv.url, keys.service_seed, sig_encoding=encoding)  # type: ignore[arg-type]
     assert res.admitted, res.error
@@ -215,7 +215,7 @@ async def test_raw_connect_forged_known_nkey_denied_without_callout(
 async def test_raw_conn_publish_reports_permission_violation(
     nats_server: ServerFactory, keys: Keys
 ) -> None:
-    # auth_users get a pub deny on $SYS.REQ.USER.AUTH (protocol.md §3 item 16).
+    # auth_users get a pub deny on $SYS.REQ.USER.AUTH (docs/protocol.md §3 check 16).
     srv = nats_server(jetstream=False)
     res = await raw_connect(srv.url, keys.service_seed, keep_open=True)
     assert res.admitted and res.conn is not None
@@ -238,7 +238,7 @@ async def test_unknown_nkey_without_service_times_out(
     res = await raw_connect(srv.url, seed)
     assert not res.admitted
     assert res.error == "Authorization Violation"
-    # No fast-fail on no interest: the full authorization.timeout (protocol.md §3).
+    # No fast-fail on no interest: the full authorization.timeout (docs/protocol.md §3).
     assert timeout * 0.8 <= res.elapsed < timeout + 1.0
 
 
@@ -251,7 +251,7 @@ async def test_empty_reply_denies_fast_with_reason(nats_server: ServerFactory, k
 
         async def deny_all(msg: Msg) -> None:
             requests.put_nowait(msg)
-            await msg.respond(b"")  # empty body = immediate deny (protocol.md §3.1)
+            await msg.respond(b"")  # empty body = immediate deny (docs/protocol.md §3 check 1)
 
         await svc.subscribe(AUTH_SUBJECT, queue="harness", cb=deny_all)
         await svc.flush()

@@ -56,3 +56,23 @@ def test_nothing_outside_the_repository_is_cited() -> None:
     assert re.search(r"https?://", TEXT) is None
     assert "shared/" not in TEXT
     assert re.search(r"\bserver/\w+\.go\b", TEXT) is None  # another repository's source files
+
+
+def test_no_file_cites_a_document_outside_the_repository() -> None:
+    """The code and docs cite docs/protocol.md, never background material kept elsewhere."""
+    # Built from parts, so that this file does not match itself.
+    shared = "shared" + "/"
+    outside = re.compile(rf"{shared}protocol\.md|/work/{shared}|(?<![\w/])protocol\.md\s*§")
+    offenders = []
+    for path in sorted(ROOT.glob("**/*")):
+        parts = set(path.relative_to(ROOT).parts)
+        if not path.is_file() or parts & {".git", ".venv", "build", "node_modules"}:
+            continue
+        if path.suffix not in {".py", ".md", ".conf", ".yml", ".json", ".js", ".go", ""}:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in outside.finditer(text)]
+    assert offenders == []

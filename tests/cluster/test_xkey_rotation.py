@@ -63,7 +63,7 @@ PACE = 0.01
 
 
 def open_with(seed: str, msg: Msg) -> bytes | None:
-    """The request JWT if the request was encrypted to the curve key of `seed` (protocol.md
+    """The request JWT if the request was encrypted to the curve key of `seed` (docs/protocol.md
     §2), else None."""
     server = (msg.headers or {}).get(XKEY_HEADER)
     if server is None or not msg.data.startswith(b"xkv1"):

@@ -1,7 +1,7 @@
 """Admission by record, against a real nats-server with JetStream: a known user gets exactly
 its record's permissions in the right account; unknown, revoked, malformed-record users and
 records naming a forbidden account are denied, each with the service's reason visible in the
-server's `$SYS.ACCOUNT.CLIENT.AUTH.ERR` event (protocol.md §3, "What the client sees on deny").
+server's `$SYS.ACCOUNT.CLIENT.AUTH.ERR` event (docs/protocol.md §3, "What the client sees on deny").
 
 The helpers at the top (`deployment`, `user_info`, `denied`/`expect_denied`, `jwt_claims`,
 `perms`/`granted`) are shared by the other end-to-end modules of this directory.
@@ -43,7 +43,7 @@ from tests.service import (
 )
 
 USER_INFO = "$SYS.REQ.USER.INFO"
-#: The prefix nats-server puts before a service's `error` text in the AUTH.ERR event (§3 #7).
+#: The prefix nats-server puts before a service's `error` text in the AUTH.ERR event (§3 check 7).
 SERVICE_ERROR = "Auth callout service returned an error: "
 AUTH_VIOLATION = "Authorization Violation"
 
@@ -183,7 +183,7 @@ async def test_known_user_gets_exactly_its_permissions(
         finally:
             await nc.close()
         assert info["account"] == APP
-        assert info["user"] == "alice"  # the record's name becomes the user name (§3 #16)
+        assert info["user"] == "alice"  # the record's name becomes the user name (§3 check 16)
         assert granted(info) == perms(pub_allow, pub_deny, sub_allow, sub_deny)
 
         result = await raw_connect(server.url, seed, keep_open=True)

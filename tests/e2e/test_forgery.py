@@ -1,5 +1,5 @@
 """The client's proof of key, against a real nats-server. The server does not verify the nonce
-signature of an nkey it does not know (protocol.md §1, "The server does not check nkeys it
+signature of an nkey it does not know (docs/protocol.md §1, "The server does not check nkeys it
 doesn't know"): every forged CONNECT below reaches the service, which must deny it. Legit
 clients are admitted whichever base64 flavour their `sig` uses (nats-py: padded standard;
 Go clients: RawURL).

@@ -3,7 +3,7 @@ nats-server.
 
 Soft mode admits only what enforce mode would deny for lack of a record; everything that is
 a proof failure or a store failure is still denied (issue, point 7). `--user-ttl` becomes the
-user JWT's `exp`, which the server enforces by closing the connection (protocol.md §3, "On
+user JWT's `exp`, which the server enforces by closing the connection (docs/protocol.md §3, "On
 expiry").
 """
 

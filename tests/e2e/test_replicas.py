@@ -4,7 +4,7 @@ exactly one reply per request, and the decision log line (issue, "Logs").
 A bystander connection in the callout account sees every request (`$SYS.REQ.USER.AUTH`) and
 every reply (the server's reply inboxes `$SYS._INBOX.>` are ordinary subjects there), so
 replies are counted per request on the wire. A second reply that is an error would also disconnect
-an admitted client (protocol.md §3 table, "two replies"): every admitted connection is pinged
+an admitted client (docs/protocol.md §3 table, "two replies"): every admitted connection is pinged
 at the end.
 """
 

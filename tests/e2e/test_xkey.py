@@ -1,4 +1,4 @@
-"""xkey encryption of requests and responses (protocol.md §2), against a real nats-server:
+"""xkey encryption of requests and responses (docs/protocol.md §2), against a real nats-server:
 on and off, both admitting and denying, and both ways of getting the configuration wrong.
 
 A second AUTH-account subscriber sees the traffic (`$SYS.REQ.USER.AUTH` and the server's
@@ -21,7 +21,7 @@ from tests.harness import AUTH_SUBJECT, Keys, nats_connect, new_curve, new_user
 from tests.service import APP, record
 
 XKEY_HEADER = "Nats-Server-Xkey"
-#: The server's reason for an empty response body (protocol.md §3, check 1).
+#: The server's reason for an empty response body (docs/protocol.md §3, check 1).
 NO_REASON = 'Auth callout violation: "no reason supplied" on account "AUTH"'
 FAST_DENY = 0.5
 
@@ -94,7 +94,7 @@ async def test_server_encrypts_but_service_has_no_xkey_denied_fast(
         assert reason == NO_REASON
         assert result.elapsed < FAST_DENY
         reply = await asyncio.wait_for(wire.replies.get(), 5)
-        assert reply.data == b""  # the empty body: the server's immediate deny (§3 #1)
+        assert reply.data == b""  # the empty body: the server's immediate deny (§3 check 1)
         assert "no reason supplied" in server.log_text()
 
 

@@ -8,7 +8,7 @@ becomes an `Outcome`; a `Tally` per test checks the issue's three promises:
 - no wrong admit: a revoked or unknown user is never admitted, during or after the fault;
 - every request answered while the service is up: a deny carries *our* reason in the
   server's `$SYS.ACCOUNT.CLIENT.AUTH.ERR` event (the server's own timeout leaves it empty,
-  protocol.md §3 "Outcomes and timing") and comes within `--backend-timeout` + 100 ms;
+  docs/protocol.md §3 "Outcomes and timing") and comes within `--backend-timeout` + 100 ms;
 - recovery on its own: the known user is admitted again, within a deadline.
 
 The reason of a deny is read from the server's event, routed per connection by a `Witness`
@@ -36,9 +36,9 @@ from nats.aio.msg import Msg
 from tests.harness import AUTH_ERR_SUBJECT, AUTH_SUBJECT, Keys, nats_connect, new_user, raw_connect
 from tests.service import APP
 
-#: nats-server's prefix before the service's `error` text in the auth-error event (§3 #7).
+#: nats-server's prefix before the service's `error` text in the auth-error event (§3 check 7).
 SERVICE_ERROR = "Auth callout service returned an error: "
-#: The event reason for an empty-body answer (§3 #1): an explicit, immediate deny too.
+#: The event reason for an empty-body answer (§3 check 1): an explicit, immediate deny too.
 EMPTY_BODY = 'Auth callout violation: "no reason supplied"'
 #: Roles that must never be admitted.
 MUST_DENY = frozenset(
@@ -375,8 +375,8 @@ def rss_bytes(pid: int) -> int:
 def importer_accounts(keys: Keys, importer_pub: str, name: str) -> dict[str, str]:
     """`extra_accounts` for render_config: AUTH as usual plus an export of the auth subject,
     and an account `name` whose user imports it. nats-server denies every user of the callout
-    account publishing on `$SYS.REQ.USER.AUTH` (protocol.md §3 #16), so an import is the only
-    way a client can put a message there."""
+    account publishing on `$SYS.REQ.USER.AUTH` (docs/protocol.md §3 check 16), so an import is
+    the only way a client can put a message there."""
     auth = (
         f'users: [ {{ nkey: "{keys.service_pub}" }} ]\n'
         "    jetstream: enabled\n"

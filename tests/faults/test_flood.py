@@ -11,7 +11,7 @@ as "excused" in the summary, and asserted to stay a minority). The bound holds a
 the flood is worked off.
 
 Who can flood: not a user of the callout account. nats-server denies every one of them
-publishing on the subject (the service's own identity included, protocol.md §3 #16), which
+publishing on the subject (the service's own identity included, docs/protocol.md §3 check 16), which
 the test checks first. The flood comes from an account that imports the subject from AUTH:
 the one way to reach the service besides the server itself, i.e. a misconfigured import.
 """

@@ -6,7 +6,7 @@ connect to the server directly):
   `--backend-timeout` + 100 ms, never from the server's timeout;
 - the connection is half-closed, toward the service or toward the server: the service notices,
   reconnects and subscribes again by itself. While it is reconnecting nobody is subscribed, so
-  the server times those clients out (it has no fast path for "no responders", protocol.md §3):
+  the server times those clients out (it has no fast path for "no responders", docs/protocol.md §3):
   those attempts are counted as made while the service was down.
 """
 

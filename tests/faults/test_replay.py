@@ -1,7 +1,7 @@
 """Replayed requests, over the wire: a bystander in the callout account captures a real
 authorization request (payload and headers) and publishes it again, by request/reply, from an
 account that imports `$SYS.REQ.USER.AUTH` (no callout-account user may publish there,
-protocol.md §3 #16). A replay is dropped: no reply at all (were the server still listening
+docs/protocol.md §3 check 16). A replay is dropped: no reply at all (were the server still listening
 on that inbox, a second reply could disconnect the client the first one admitted), a
 `decision` log line with reason `replay`, and the drop counted.
 

@@ -170,7 +170,7 @@ def run_core(case: Case, core: Authorizer | None = None) -> Outcome:
 
 def error_claims(case: Case, body: bytes, *, sealed: bool) -> dict[str, Any]:
     """Open (when the request was sealed) and verify a response as nats-server does
-    (protocol.md §2, §3): signed by the issuer account, addressed to this request."""
+    (docs/protocol.md §2, §3): signed by the issuer account, addressed to this request."""
     if sealed:
         assert body.startswith(forge.XKEY_MAGIC), "a sealed request gets a sealed answer"
         body = forge.open_response(body, case.server, case.keys["xkey_pub"])

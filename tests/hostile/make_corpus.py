@@ -40,7 +40,7 @@ from tests.unit.forge import DELETE, ClientKey, ServerIdentity
 
 # 2023-11-14: in the past, as a recorded request is, so a service whose clock is pinned to it
 # for a case and then set back to real time sees time move forward, never back. The fraction
-# makes the whole-second truncation of exp matter (protocol.md §1).
+# makes the whole-second truncation of exp matter (docs/protocol.md §1).
 NOW = 1_700_000_000.25
 DOCS = CORPUS.parent.parent.parent / "docs" / "reliability.md"
 BEGIN, END = "<!-- hostile:begin -->", "<!-- hostile:end -->"

@@ -9,8 +9,8 @@ requests get no reply and count in `stats.dropped`; and the service then admits 
 client, so no hostile input broke it.
 
 How the payload gets there: nats-server denies every user of the callout account publishing
-on `$SYS.REQ.USER.AUTH` (it adds the deny itself; protocol.md §3 #16), so no AUTH user, not
-even the service's identity, can inject a request. The injector is a user of a separate
+on `$SYS.REQ.USER.AUTH` (it adds the deny itself; docs/protocol.md §3 check 16), so no AUTH
+user, not even the service's identity, can inject a request. The injector is a user of a separate
 account HOSTILE that imports the subject as a service from AUTH: the message reaches the
 service's queue subscription on `$SYS.REQ.USER.AUTH` with the case's headers (plus the
 server's `Nats-Request-Info`, which the core ignores) and a reply subject routed back.

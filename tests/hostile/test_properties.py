@@ -9,7 +9,7 @@ the client's `sig` re-encoded; and, for a service with an xkey, changes to the b
 
 The properties, for every mutation:
 - no exception escapes `open` / `decide` / `respond`;
-- admit => the mutated request is valid by an independent reading of protocol.md §10
+- admit => the mutated request is valid by an independent reading of docs/protocol.md §10
   (`valid` below: nacl + nkeys CRC, not callout's code): the server's signature verifies, the
   claims are well-typed and current, the client's signature verifies over the nonce; and when
   the mutation was not re-signed by the server, its meaning is the original's (`meaning`);
@@ -144,7 +144,7 @@ def _verify(raw_key: bytes, data: bytes, signature: bytes) -> bool:
 
 
 def _client_sig(text: str) -> bytes | None:
-    """RawURL first, then padded standard base64, as nats-server (protocol.md §1)."""
+    """RawURL first, then padded standard base64, as nats-server (docs/protocol.md §1)."""
     if re.fullmatch(r"[A-Za-z0-9_-]+", text):
         return _segment(text.encode())
     try:
@@ -195,7 +195,7 @@ def claims_of(token: bytes) -> dict[str, Any] | None:
 
 
 def valid(payload: bytes, headers: dict[str, str] | None, xkey: bool) -> bool:
-    """protocol.md §10 "Request JWT" and "Client proof", read independently of callout."""
+    """docs/protocol.md §10 "Request JWT" and "Client proof", read independently of callout."""
     if len(payload) > 128 * 1024:
         return False
     token = open_token(payload, headers, xkey)

@@ -1,6 +1,6 @@
 """The server's verdict against a real nats-server (issue: "The server's verdict"). Our record
 validation accepts everything the server accepts in a permission list (it is stricter: no
-spaces at all, protocol.md §3 check 11), so the deliberately broken record is one the server
+spaces at all, docs/protocol.md §3 check 11), so the deliberately broken record is one the server
 rejects at registration: it names an account we allow (`--allowed-account GHOST`) that the
 server's configuration does not have (§3 check 15, "an unknown one gives No valid account").
 We admit; the server refuses; the service logs it at error level, correlated to our admit,

@@ -1,7 +1,7 @@
 """Operator (decentralized) mode against a real nats-server 2.15.1: accounts as JWTs in the
 memory resolver, the callout configured in the AUTH account's JWT, the service running as
 `callout serve --operator --creds ...` (a subprocess, so the flags and the .creds path are
-what is tested), users placed in the account whose key signed their JWT (protocol.md §3
+what is tested), users placed in the account whose key signed their JWT (docs/protocol.md §3
 checks 8, 14, 15; §5 "Minimal working operator mode").
 
 Clients have no credentials of their own: they present their nkey, and the server's

@@ -1,6 +1,6 @@
 """An operator-mode (decentralized) trust chain for tests: operator, SYS / AUTH / APP accounts
 and their user JWTs, `.creds` files, and the nats-server config that trusts them through the
-memory resolver (shared/protocol.md §5, "Minimal working operator mode").
+memory resolver (docs/protocol.md §5, "Minimal working operator mode").
 
 Independent of the `callout` package, like `tests.harness`: keys come from the `nkeys`
 package and the JWTs are encoded here, so a bug in `callout.jwt` cannot hide behind a test
@@ -51,7 +51,7 @@ def _b64(data: bytes) -> str:
 
 def encode_jwt(claims: Mapping[str, Any], seed: str) -> str:
     """A NATS JWT signed by `seed` (`iss` is set from it): header.payload.sig, base64url
-    without padding, Ed25519 over `header.payload` (protocol.md §4)."""
+    without padding, Ed25519 over `header.payload` (docs/protocol.md §4)."""
     kp = nkeys.from_seed(seed.encode("ascii"))
     body = {
         "jti": secrets.token_hex(16),

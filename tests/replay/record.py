@@ -2,7 +2,7 @@
 
 Run by hand (it is not a test): ``.venv/bin/python -m tests.replay.record``.
 
-It starts the real nats-server twice, in config mode (shared/protocol.md §5): once plain,
+It starts the real nats-server twice, in config mode (docs/protocol.md §5): once plain,
 once with ``auth_callout.xkey`` (encrypted requests, §2). A recorder connects as the service
 identity (an ``auth_users`` nkey), subscribes to ``$SYS.REQ.USER.AUTH`` and, for every
 request, saves the payload bytes and headers exactly as nats-py hands them to the service,
@@ -204,7 +204,7 @@ def script(keys: Keys, internal: tuple[str, str]) -> list[Client]:
         ),
         Client(
             "no_sig",
-            "nkey presented without sig (the server calls out anyway, protocol.md §1)",
+            "nkey presented without sig (the server calls out anyway, docs/protocol.md §1)",
             raw(nosig_seed, sig="omit"),
             by_nkey(nosig_pub),
             {nosig_pub: record_json("dave")},

@@ -175,7 +175,7 @@ def response_claims(case: Case, body: bytes) -> dict[str, Any]:
     assert claims["aud"] == request["nats"]["server_id"]["id"]
     assert claims["nats"]["type"] == "authorization_response"
     assert claims["nats"]["version"] == 2
-    assert "issuer_account" not in claims["nats"]  # config mode denies it (protocol.md §3)
+    assert "issuer_account" not in claims["nats"]  # config mode denies it (docs/protocol.md §3)
     assert ("jwt" in claims["nats"]) != ("error" in claims["nats"]), "exactly one of jwt/error"
     return claims
 

@@ -4,7 +4,7 @@ The service runs as `callout serve` (a subprocess) so the `--tls-*` flags are wh
 `callout users` uses the same flags. Getting TLS wrong is one line on stderr, not a traceback.
 
 Also pinned here: with TLS configured and no `authorization.timeout`, the server gives the
-callout 3 s instead of 2 (protocol.md §3, "Server-side timeout"), visible as the request's
+callout 3 s instead of 2 (docs/protocol.md §3, "Server-side timeout"), visible as the request's
 `exp - iat`.
 """
 
@@ -132,7 +132,7 @@ class Watch:
 
 async def watch(nc: Client, *, answer_empty: bool = False) -> Watch:
     """Watch `$SYS.REQ.USER.AUTH`; with `answer_empty`, also deny every request at once (an
-    empty body, protocol.md §3 check 1), standing in for a service."""
+    empty body, docs/protocol.md §3 check 1), standing in for a service."""
     seen = Watch()
 
     async def on_request(msg: Msg) -> None:
@@ -208,7 +208,7 @@ async def test_service_and_users_command_over_tls(
             assert request["connect_opts"]["nkey"] == pub
             client_tls = request["client_tls"]
             if verify:
-                # The server passes the verified chain on: leaf first (protocol.md §1).
+                # The server passes the verified chain on: leaf first (docs/protocol.md §1).
                 assert client_tls["verified_chains"][0][0] == pki.user.cert.read_text()
             else:
                 assert "verified_chains" not in client_tls
@@ -241,7 +241,7 @@ async def test_default_callout_timeout_is_3s_with_tls(
         await admin.close()
     # exp = now + timeout and iat = a few microseconds later, each truncated to the second, so
     # exp - iat is the timeout, or one less if a second boundary fell in between: the larger of
-    # two requests is the timeout (protocol.md §1, `exp`).
+    # two requests is the timeout (docs/protocol.md §1, `exp`).
     assert max(spans) == (3 if tls else 2)
 
 

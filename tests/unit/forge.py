@@ -1,5 +1,5 @@
 """Forge authorization requests the way nats-server 2.15.1 builds them, and check responses the
-way it checks them, without using the `callout` package (protocol.md §1, §2, §4).
+way it checks them, without using the `callout` package (docs/protocol.md §1, §2, §4).
 
 Everything here is built on the `nkeys` package, PyNaCl and the key helpers of
 `tests.harness` (themselves nkeys/PyNaCl based), so the unit tests compare `callout` against
@@ -98,7 +98,7 @@ def decode_jwt(token: bytes | str, issuer_prefix: int) -> dict[str, Any]:
 
 def jti(claims: Mapping[str, Any]) -> str:
     """nats-io/jwt `hash()`: base32-nopad(SHA-512/256(ClaimsData JSON with jti empty)),
-    fields in Go struct order, zero values omitted (protocol.md §4, "jti")."""
+    fields in Go struct order, zero values omitted (docs/protocol.md §4, "jti")."""
     data = {
         k: claims[k] for k in ("aud", "exp", "iat", "iss", "name", "nbf", "sub") if claims.get(k)
     }
@@ -218,7 +218,7 @@ def request_claims(
     xkey: bool = False,
 ) -> dict[str, Any]:
     """The claims of `authorization_request` as server/auth_callout.go fills them (config mode,
-    nkey client, protocol.md §1 observed request)."""
+    nkey client, docs/protocol.md §1 observed request)."""
     nonce = nonce if nonce is not None else new_nonce()
     server_id: dict[str, Any] = {
         "name": server.name,
@@ -255,7 +255,7 @@ def request_claims(
 
 
 def seal(plaintext: bytes, sender: nacl.public.PrivateKey, recipient_public: str) -> bytes:
-    """`xkv1` + 24-byte nonce + crypto_box(sender -> recipient) (protocol.md §2)."""
+    """`xkv1` + 24-byte nonce + crypto_box(sender -> recipient) (docs/protocol.md §2)."""
     box = nacl.public.Box(sender, nacl.public.PublicKey(decode_curve_public(recipient_public)))
     return XKEY_MAGIC + bytes(box.encrypt(plaintext, nacl.utils.random(24)))
 
@@ -320,7 +320,7 @@ def forge_request(
 # ---------------------------------------------------------------------------------------------
 def open_response(body: bytes, server: ServerIdentity, service_xkey_public: str | None) -> bytes:
     """What the server does with a response body: a body that is not `eyJ...` after an
-    encrypted request is opened with `xkp.Open(msg, <service xkey>)` (protocol.md §2)."""
+    encrypted request is opened with `xkp.Open(msg, <service xkey>)` (docs/protocol.md §2)."""
     if service_xkey_public is None or body.startswith(b"eyJ"):
         return body
     assert body.startswith(XKEY_MAGIC), body[:8]

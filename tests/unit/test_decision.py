@@ -101,7 +101,7 @@ def internal_rig(**policy: Any) -> Rig:
 
 
 def response_claims(rig: Rig, body: bytes, forged: Forged) -> dict[str, Any]:
-    """Open and verify a response as the server does; check its addressing (protocol.md §3)."""
+    """Open and verify a response as the server does; check its addressing (docs/protocol.md §3)."""
     assert body, "empty body"
     plaintext = forge.open_response(body, forged.server, forged.sealed_to)
     claims = forge.decode_jwt(plaintext, ACCOUNT)
@@ -1450,7 +1450,7 @@ def test_policy_refuses_what_it_cannot_mean(fields: dict[str, Any]) -> None:
 
 
 def test_operator_mode_never_places_into_a_forbidden_account_key() -> None:
-    """The name a signer is given is ours; the key is what places (protocol.md §3 #15)."""
+    """The name a signer is given is ours; the key is what places (docs/protocol.md §3 check 15)."""
     seed, system_key = new_account()
     signer = d.AccountSigner(SigningKey.from_seed(seed), system_key)
     rig = make_rig(signers={APP: signer}, forbidden_account_keys=frozenset({system_key}))

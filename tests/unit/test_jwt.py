@@ -64,7 +64,7 @@ def test_encoded_token_verifies_with_the_reference_decoder() -> None:
     key, _ = _account()
     token = jwt.encode({**CLAIMS, "iss": key.public}, key)
     assert token.count(b".") == 2 and b"=" not in token
-    assert token.startswith(b"eyJ")  # the server's plaintext test (protocol.md §2)
+    assert token.startswith(b"eyJ")  # the server's plaintext test (docs/protocol.md §2)
     claims = forge.decode_jwt(token, nkeys.PREFIX_BYTE_ACCOUNT)  # header, nkeys CRC, Ed25519
     assert claims == {**CLAIMS, "iss": key.public}
 

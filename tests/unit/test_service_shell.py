@@ -350,7 +350,7 @@ async def test_exception_without_an_addressable_answer_is_an_empty_reply(
     env = make_env(authorizer=authorizer)
     msg = env.msg(env.forge())
     await env.handle(msg)
-    assert env.only_reply(msg) == b""  # the server's immediate deny (protocol.md §3 check 1)
+    assert env.only_reply(msg) == b""  # the server's immediate deny (docs/protocol.md §3 check 1)
     assert env.service.stats.admitted == 0 and env.service.stats.denied == 1
 
 

@@ -1,5 +1,5 @@
 """callout.xkey against a PyNaCl reference of the server side (tests.unit.forge): the server
-seals with its curve key to ours, we open; we seal back, the server opens (protocol.md §2)."""
+seals with its curve key to ours, we open; we seal back, the server opens (docs/protocol.md §2)."""
 
 from __future__ import annotations
 
