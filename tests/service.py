@@ -175,12 +175,10 @@ def spawn(
     env: dict[str, str] | None = None,
     stdin: Literal["devnull"] = "devnull",
     cwd: Path | None = None,
-    prefix: Sequence[str] = (),
 ) -> Subprocess:
-    """`prefix`: a command the service runs under (e.g. `faketime -f +3s`)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(
-        [*prefix, *callout_cmd(*args)],
+        callout_cmd(*args),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
