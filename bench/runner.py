@@ -8,13 +8,15 @@
 
 One run starts one fresh nats-server per scenario, all on loopback:
   LIMIT  the same users as static nkey users in the server config: no callout at all;
-  plain  `python -m callout serve` (a subprocess, --log-level warning) with the users in a
-         real KV bucket;
+  naive  bench/naive.py: a hand-written nats-py callout with the users in a set, no features;
+  plain  `python -m callout serve` (a subprocess, default flags: the users cache, the replay
+         record, the limiter and the decision log line on; --metrics-addr set) with the users
+         in a real KV bucket;
   xkey   the same with xkey encryption on.
 Load comes from bench.loadgen (hand-rolled client protocol, one process, asyncio).
 
 Phases: at concurrency 1 (latency) and 50 (throughput), --connects connects each, repeated
---repeats times, interleaved (LIMIT, plain, xkey, LIMIT, ...) so drift hits every scenario
+--repeats times, interleaved (LIMIT, naive, plain, xkey, LIMIT, ...) so drift hits every scenario
 alike; the table shows medians. Then a storm per scenario: --storm-connects at
 --storm-concurrency. Every user is allowed, so any connect not admitted counts as an allowed
 user denied. CPU per connection is the /proc/<pid>/stat utime+stime delta of the server and
@@ -52,7 +54,7 @@ from bench.loadgen import run as load
 from tests.harness import Keys, NatsServer, free_port, make_keys, nats_connect, new_user
 from tests.service import record, seed_files, serve_args, users_bucket
 
-SCENARIOS = ("LIMIT", "plain", "xkey")
+SCENARIOS = ("LIMIT", "naive", "plain", "xkey")
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
@@ -109,9 +111,15 @@ class Scenario:
         return proc_cpu(self.server.pid), proc_cpu(self.service_pid)
 
     def service_tail(self) -> str:
+        """The service's last 20 lines that are not routine (decision lines, info)."""
         if self.service_log is None or not self.service_log.exists():
             return ""
-        return "\n".join(self.service_log.read_text(errors="replace").splitlines()[-20:])
+        lines = [
+            line
+            for line in self.service_log.read_text(errors="replace").splitlines()
+            if not line.startswith("{") or '"level":"info"' not in line
+        ]
+        return "\n".join(lines[-20:])
 
     def check_alive(self) -> None:
         if not self.server.is_running():
@@ -206,16 +214,29 @@ async def start_scenario(
         xkey = name == "xkey"
         server = await NatsServer.from_keys(workdir, keys, xkey=xkey).astart()
         scenario = Scenario(name, server)
-        await seed_bucket(server.url, keys, pubs)
         files = seed_files(keys, workdir / "keys")
         cmd = [sys.executable]
         if o.profile is not None:
             scenario.profile = o.profile.with_name(f"{o.profile.stem}.{name}{o.profile.suffix}")
             cmd += ["-m", "cProfile", "-o", str(scenario.profile)]
-        cmd += ["-m", "callout", *serve_args(server, files, xkey=xkey)]
-        cmd += ["--log-level", "warning", *o.service_args]
         scenario.service_log = workdir / "service.log"
-        scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
+        if name == "naive":
+            # The simple thing, from this checkout whatever --service-src says: its allowed
+            # users are the same keys, in its in-memory set.
+            users = workdir / "users.txt"
+            users.write_text("\n".join(pubs) + "\n")
+            cmd += ["-m", "bench.naive", "--url", server.url,
+                    "--nkey-seed-file", str(files["service"]),
+                    "--issuer-seed-file", str(files["issuer"]),
+                    "--users-file", str(users)]  # fmt: skip
+            scenario.service = spawn_service(cmd, REPO, scenario.service_log)
+        else:
+            await seed_bucket(server.url, keys, pubs)
+            # Default flags, so every default feature is on (the decision log line
+            # included), and metrics served as an operator would.
+            cmd += ["-m", "callout", *serve_args(server, files, xkey=xkey)]
+            cmd += ["--metrics-addr", f"127.0.0.1:{free_port()}", *o.service_args]
+            scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
         if o.spy is not None:
             scenario.spy_out = o.spy.with_name(f"{o.spy.name}.{name}.txt")
             scenario.spy = start_spy(scenario.service.pid, scenario.spy_out)
@@ -420,7 +441,26 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             check(
                 name, "storm p99 s", round(v, 3), f"< {TARGET_STORM_P99_S}", v < TARGET_STORM_P99_S
             )
+        # Issue 10: beat the naive callout (bench/naive.py) of the same run on every figure.
+        for kind, key, what, higher in NAIVE_FIGURES:
+            ours, naive = find(name, kind), find("naive", kind)
+            if ours is None or naive is None or ours[key] is None or naive[key] is None:
+                continue
+            v, base = ours[key], naive[key]
+            met = v >= base if higher else v <= base
+            check(name, what, v, f"{'>=' if higher else '<='} {base} (naive)", met)
     return checks
+
+
+# (phase, column, what, higher is better): the figures callout must match or beat the naive
+# loop on.
+NAIVE_FIGURES = (
+    ("c50", "conn_per_s", "vs naive: c=50 conn/s", True),
+    ("c1", "p50_ms", "vs naive: c=1 p50 ms", False),
+    ("c50", "service_cpu_ms_per_conn", "vs naive: service CPU ms/auth", False),
+    ("storm", "not_admitted", "vs naive: storm users denied", False),
+    ("storm", "p99_ms", "vs naive: storm p99 ms", False),
+)
 
 
 # Wrappers whose cumulative time is "everything" (start-up, the event loop, its idle wait).
@@ -688,8 +728,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
                       f" {row['not_admitted']} not admitted, bg {row['background_pct']:.0f} %"
                       + (f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""),
                       flush=True)  # fmt: skip
-            # At --log-level warning a healthy service writes nothing: show what it said
-            # (before stopping it, which logs a disconnect).
+            # A healthy service logs nothing above info: show what it warned about (before
+            # stopping it, which logs a disconnect).
             for scenario in scenarios.values():
                 if tail := scenario.service_tail():
                     print(f"{scenario.name}: the service logged (last lines):\n{tail}")
@@ -712,7 +752,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         print()
         for c in checks:
             print(
-                f"{c['scenario']:6} {c['what']:30} {c['value']!s:>8}  target {c['target']:8}"
+                f"{c['scenario']:6} {c['what']:30} {c['value']!s:>8}  target {c['target']:18}"
                 f" {'met' if c['met'] else 'MISSED'}"
             )
         busy = [p for p in phases if p["background_pct"] > QUIET_PCT]
