@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 from nats.js.kv import KeyValue
 
-from callout.store.base import StoreError
+from callout.store.base import StoreError, WouldBlock
 
 # JetStream API error codes (nats-server server/errors.json).
 _NO_MESSAGE = 10037  # JSNoMessageFoundErr
@@ -116,6 +116,9 @@ class KVStore:
     async def get(self, key: str) -> bytes | None:
         entry = await self.get_entry(key)
         return None if entry is None else entry[0]
+
+    def get_nowait(self, key: str) -> bytes | None:
+        raise WouldBlock  # every answer is a JetStream round trip
 
     async def get_entry(self, key: str) -> tuple[bytes, int] | None:
         """(value, revision) of `key`, None when it has no live value."""

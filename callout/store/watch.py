@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from callout import log
-from callout.store.base import StoreError
+from callout.store.base import StoreError, WouldBlock
 from callout.store.kv import KVStore, is_delete, stream_name
 
 
@@ -103,9 +103,18 @@ class WatchedStore:
 
     # -- Store --------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
-        if self._live and time.monotonic() - self._verified_at <= self._max_unverified:
+        if self._current():
             return self._records.get(key)
         return await self._direct.get(key)
+
+    def get_nowait(self, key: str) -> bytes | None:
+        if self._current():
+            return self._records.get(key)
+        raise WouldBlock
+
+    def _current(self) -> bool:
+        """Whether the copy may answer now (see the module's fail-closed rule)."""
+        return self._live and time.monotonic() - self._verified_at <= self._max_unverified
 
     @property
     def live(self) -> bool:
