@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
@@ -169,7 +170,8 @@ class SigningKey:
         return encode_seed(self.kind, bytes(self._signer))
 
     def sign(self, data: bytes) -> bytes:
-        return self._signer.sign(data).signature
+        # libsodium directly: PyNaCl's SigningKey.sign wraps the same call in a SignedMessage.
+        return nacl.bindings.crypto_sign(data, self._signer._signing_key)[:64]
 
     def __repr__(self) -> str:
         return f"SigningKey({self.kind.name}, {self.public})"
@@ -203,8 +205,11 @@ class CurveKey:
 
 
 def verify(public_raw: bytes, data: bytes, signature: bytes) -> bool:
+    if len(public_raw) != 32 or len(signature) != 64:
+        return False
     try:
-        nacl.signing.VerifyKey(public_raw).verify(data, signature)
+        # libsodium directly (what PyNaCl's VerifyKey.verify calls, without the key object).
+        nacl.bindings.crypto_sign_open(signature + data, public_raw)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
         return False
     return True
