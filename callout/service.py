@@ -319,4 +319,4 @@ class CalloutService:
                     fields["cid"] = request.client_id
                 if request.client_host:
                     fields["host"] = request.client_host
-            log.info("decision", **fields)
+            log.info_fields("decision", fields)
