@@ -624,7 +624,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--connects", type=int, help="per phase (default 2000; --quick 300)")
     p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; --quick 1)")
-    p.add_argument("--concurrency", default="1,50", help="phases, comma-separated")
+    p.add_argument("--concurrency", default="1,50", help="phases, comma-separated ('': none)")
     p.add_argument("--storm-connects", type=int, help="default 9000 (--quick 600); 0: no storm")
     p.add_argument("--storm-concurrency", type=int, help="default 3000 (--quick 300)")
     p.add_argument("--users", type=int, help="distinct users (default 1000; --quick 100)")
@@ -664,7 +664,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     o = Options(
         connects=pick(a.connects, 2000, 300),
         repeats=pick(a.repeats, 3, 1),
-        concurrencies=tuple(int(c) for c in a.concurrency.split(",")),
+        concurrencies=tuple(int(c) for c in a.concurrency.split(",") if c.strip()),
         storm_connects=pick(a.storm_connects, 9000, 600),
         storm_concurrency=pick(a.storm_concurrency, 3000, 300),
         users=pick(a.users, 1000, 100),
