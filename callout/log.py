@@ -15,6 +15,7 @@ written by `logging.shutdown` (at exit); a SIGKILL loses at most one loop turn's
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -44,7 +45,12 @@ def _render_json(created: float, level: int, event: str, fields: dict[str, Any])
         "event": event,
     }
     doc.update(fields)
-    return orjson.dumps(doc, default=str).decode()
+    try:
+        return orjson.dumps(doc, default=str).decode()
+    except orjson.JSONEncodeError:
+        # What orjson does not write (an integer past 64 bits, from a client's request): the
+        # standard library writes everything.
+        return json.dumps(doc, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 def _render_console(created: float, level: int, event: str, fields: dict[str, Any]) -> str:

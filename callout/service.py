@@ -160,9 +160,16 @@ class CalloutService:
                 return
             oldest, oldest_received, _ = self._waiting.popleft()
             await self._shed(oldest, oldest_received)
-        started = self.authorizer.start(
-            msg.data, msg.headers, received, self.store.get_nowait, replay=self.replay is not None
-        )
+        try:
+            started = self.authorizer.start(
+                msg.data,
+                msg.headers,
+                received,
+                self.store.get_nowait,
+                replay=self.replay is not None,
+            )
+        except Exception as exc:  # start is total; this only guards the shell's own bug
+            started = Answer(self.authorizer.fail(None, f"{type(exc).__name__} in the shell"), b"")
         if isinstance(started, Pending):
             self._wait_for_io(msg, received, started)
         else:
@@ -298,6 +305,12 @@ class CalloutService:
             log.error("recorder_error", exception=type(exc).__name__)
 
     def _log(self, decision: Decision, latency: float) -> None:
+        try:
+            self._log_line(decision, latency)
+        except Exception as exc:  # the line is lost, never the reply that follows it
+            log.error("log_error", exception=type(exc).__name__)
+
+    def _log_line(self, decision: Decision, latency: float) -> None:
         admit = decision.admit
         if self.log_decisions == "all" or (self.log_decisions == "deny" and not admit):
             request = decision.request

@@ -8,16 +8,19 @@ answer inside the callback whenever no I/O is needed.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import nkeys
+import orjson
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from callout import decision as d
+from callout import log
 from callout.decision import Authorizer, Decision, ReplayAnswer, Request, StoreAnswer
 from callout.service import SUBJECT, CalloutService
 from callout.store import StoreError, WouldBlock
@@ -695,3 +698,32 @@ async def test_log_decisions_picks_the_lines_but_not_the_observers(
         await env.service._on_message(env.msg(b"garbage"))
     assert [fields["decision"] for _, fields in logs.named("decision")] == logged
     assert seen == [d.ADMIT, d.MALFORMED]
+
+
+async def test_a_line_the_log_cannot_write_does_not_cost_the_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = make_env()
+
+    def broken(event: str, fields: dict[str, object]) -> None:
+        raise ValueError("cannot write this line")
+
+    monkeypatch.setattr(log, "info_fields", broken)
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    # The line is logged first (before the reply's flush), yet its failure is the line's alone.
+    assert "jwt" in env.reply_claims(env.only_reply(msg), forged)["nats"]
+    assert env.service.stats.admitted == 1
+
+
+def test_a_value_orjson_cannot_write_is_still_logged() -> None:
+    line = log._render_json(1.0, logging.INFO, "decision", {"cid": 2**70, "host": "h"})
+    assert orjson.loads(line.replace(str(2**70), "0")) == {
+        "ts": 1.0,
+        "level": "info",
+        "event": "decision",
+        "cid": 0,
+        "host": "h",
+    }
+    assert str(2**70) in line
