@@ -13,7 +13,9 @@ One run starts one fresh nats-server per scenario, all on loopback:
          record, the limiter and the decision log line on; --metrics-addr set) with the users
          in a real KV bucket;
   xkey   the same with xkey encryption on;
-  naive-uvloop  (only when asked for) the naive callout under uvloop.
+  naive-uvloop  (only when asked for) the naive callout under uvloop;
+  plain-nolog   (only when asked for) plain with --log-decisions none;
+  plain-asyncio (only when asked for) plain with --event-loop asyncio.
 Load comes from bench.loadgen (hand-rolled client protocol, one process, asyncio).
 
 Phases: at concurrency 1 (latency) and 50 (throughput), --connects connects each, repeated
@@ -57,8 +59,9 @@ from tests.harness import Keys, NatsServer, free_port, make_keys, nats_connect, 
 from tests.service import record, seed_files, serve_args, users_bucket
 
 SCENARIOS = ("LIMIT", "naive", "plain", "xkey")
-# Not in the default run: the naive callout under uvloop (how much of the lead is the loop's).
-EXTRA_SCENARIOS = ("naive-uvloop",)
+# Not in the default run: the naive callout under uvloop (how much of the lead is the loop's),
+# plain without its decision log line (what the line costs) and plain under asyncio.
+EXTRA_SCENARIOS = ("naive-uvloop", "plain-nolog", "plain-asyncio")
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
@@ -73,8 +76,8 @@ TARGET_SERVICE_MS = {"plain": 0.20, "xkey": 0.25}
 TARGET_STORM_P99_S = 1.5
 
 
-def proc_cpu(pid: int | None) -> float:
-    """utime + stime of a live process (all its threads), in seconds."""
+def proc_cpu(pid: int | None, user: bool = True, system: bool = True) -> float:
+    """utime + stime of a live process (all its threads), in seconds; or either alone."""
     if pid is None:
         return 0.0
     try:
@@ -82,7 +85,7 @@ def proc_cpu(pid: int | None) -> float:
     except FileNotFoundError:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return (int(fields[11]) * user + int(fields[12]) * system) / CLK_TCK
 
 
 def machine_busy() -> float:
@@ -261,6 +264,10 @@ async def start_scenario(
             # included), and metrics served as an operator would.
             cmd += ["-m", "callout", *serve_args(server, files, xkey=xkey)]
             cmd += ["--metrics-addr", f"127.0.0.1:{free_port()}", *o.service_args]
+            if name == "plain-nolog":
+                cmd += ["--log-decisions", "none"]
+            elif name == "plain-asyncio":
+                cmd += ["--event-loop", "asyncio"]
             scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
         if o.spy is not None:
             scenario.spy_out = o.spy.with_name(f"{o.spy.name}.{name}.txt")
@@ -314,6 +321,7 @@ async def phase(
     await settle(scenario)
     await wait_quiet(everyone, o.quiet_wait)
     logged = scenario.log_size()
+    kernel0 = proc_cpu(scenario.service_pid, user=False)
     server0, service0 = scenario.cpu()
     busy0, own0, t0 = machine_busy(), own_cpu(), time.perf_counter()
     result: Result = await load(scenario.server.url, ids, connects, conc, o.timeout)
@@ -328,6 +336,10 @@ async def phase(
     row["service_cpu_ms_per_conn"] = (
         round((service1 - service0) * per, 4) if scenario.service else None
     )
+    # The kernel's part of the service's CPU: its socket reads and writes (on loopback, the
+    # TCP work of both ends of a write is charged to the writer) and its log writes.
+    kernel = proc_cpu(scenario.service_pid, user=False) - kernel0
+    row["service_kernel_ms_per_conn"] = round(kernel * per, 4) if scenario.service else None
     row["wall_s"] = round(result.wall, 3)
     row["service_decisions"] = scenario.decisions_since(logged)
     # CPU the machine spent on anything but this benchmark: a busy box makes a void run.
@@ -385,6 +397,7 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "client_cpu_ms_per_conn",
         "server_cpu_ms_per_conn",
         "service_cpu_ms_per_conn",
+        "service_kernel_ms_per_conn",
         "background_pct",
         "client_lag_p99_ms",
     ):
@@ -426,18 +439,21 @@ def fmt(value: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'scenario':12} {'phase':>6} {'conn/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
-        f" {'denied':>6} {'srv ms/c':>8} {'svc ms/c':>8} {'cli ms/c':>8} {'rate/L':>6} {'p50/L':>6}"
+        f"{'scenario':13} {'phase':>6} {'conn/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
+        f" {'denied':>6} {'srv ms/c':>8} {'svc ms/c':>8} {'of it sys':>9} {'cli ms/c':>8}"
+        f" {'rate/L':>6} {'p50/L':>6}"
         f" {'lag ms':>6} {'bg %':>5}"
     )
     lines = [head]
     for r in rows:
         kind = r["kind"] if r["kind"] != "storm" else f"s{r['concurrency']}"
         lines.append(
-            f"{r['scenario']:12} {kind:>6}"
+            f"{r['scenario']:13} {kind:>6}"
             f" {r['conn_per_s']:7.0f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}"
             f" {r['not_admitted']:6d} {fmt(r['server_cpu_ms_per_conn'], '8.3f')}"
-            f" {fmt(r['service_cpu_ms_per_conn'], '8.3f')} {r['client_cpu_ms_per_conn']:8.3f}"
+            f" {fmt(r['service_cpu_ms_per_conn'], '8.3f')}"
+            f" {fmt(r.get('service_kernel_ms_per_conn'), '9.3f')}"
+            f" {r['client_cpu_ms_per_conn']:8.3f}"
             f" {fmt(r['rate_x_limit'], '6.2f')} {fmt(r['p50_x_limit'], '6.2f')}"
             f" {r['client_lag_p99_ms']:6.1f} {r['background_pct']:5.1f}"
         )
@@ -755,13 +771,13 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 row = await steady_phase(scenarios[name], everyone, ids, kind, connects, conc, o)
                 row["repeat"] = repeat
                 phases.append(row)
-                print(f"  {name:12} {kind:6} repeat {repeat + 1}: {row['conn_per_s']:7.0f} conn/s,"
+                print(f"  {name:13} {kind:6} repeat {repeat + 1}: {row['conn_per_s']:7.0f} conn/s,"
                       f" p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms,"
                       f" {row['not_admitted']} not admitted, bg {row['background_pct']:.0f} %"
                       + (f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""),
                       flush=True)  # fmt: skip
                 if row["not_admitted"]:
-                    print(f"  {'':12} {'':6} the clients saw {row['errors']};"
+                    print(f"  {'':13} {'':6} the clients saw {row['errors']};"
                           f" the service decided {row['service_decisions']}")  # fmt: skip
             # A healthy service logs nothing above info: show what it warned about (before
             # stopping it, which logs a disconnect).
@@ -787,7 +803,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         print()
         for c in checks:
             print(
-                f"{c['scenario']:12} {c['what']:30} {c['value']!s:>8}  target {c['target']:18}"
+                f"{c['scenario']:13} {c['what']:30} {c['value']!s:>8}  target {c['target']:18}"
                 f" {'met' if c['met'] else 'MISSED'}"
             )
         busy = [p for p in phases if p["background_pct"] > QUIET_PCT]

@@ -210,16 +210,17 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true", help="count (valgrind)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one run, for --instructions
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--log-file", default=os.devnull, help="where decision lines go")
     args = parser.parse_args()
     if args.instructions:
         print(f"instructions per request ({args.chunk} requests, xkey={args.xkey}):")
         count_instructions(args)
         return
-    with open(os.devnull, "w") as devnull:
+    with open(args.log_file, "w") as out:
         log.setup("info", "json")
         handler = log._HANDLER
         assert handler is not None
-        handler.setStream(devnull)
+        handler.setStream(out)
         try:
             import uvloop  # the service's default event loop
 
