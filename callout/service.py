@@ -178,6 +178,8 @@ class CalloutService:
 
     async def _pace(self) -> None:
         """Give the event loop a turn once this run of callback work has lasted `SLICE`."""
+        if not self._queued():
+            return  # nothing waits: the subscription's task hands the loop its turn itself
         now = time.monotonic()
         if self._slice_began is None:
             self._slice_began = now

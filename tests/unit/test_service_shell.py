@@ -638,6 +638,11 @@ async def test_callback_work_gives_the_loop_a_turn_every_slice(
 ) -> None:
     env = make_env()
 
+    class Waiting:  # the subscription's queue: messages wait behind the one in the callback
+        pending_msgs = 3
+
+    env.service._sub = Waiting()  # type: ignore[assignment]
+
     async def run(slice_s: float) -> list[int]:
         """How many loop callbacks had run after each of four messages."""
         monkeypatch.setattr("callout.service.SLICE", slice_s)
@@ -659,7 +664,11 @@ async def test_callback_work_gives_the_loop_a_turn_every_slice(
     # A slice already over after one message: a turn after every second one (a run of work
     # starts with a message and is checked after the next).
     assert await run(0.0) == [0, 2, 2, 4]
-    assert len(env.nc.published) == 8 and env.service.stats.admitted == 8
+    # Nothing waiting: no turn asked for (the subscription's task waits for the next message,
+    # which is the loop's turn anyway).
+    Waiting.pending_msgs = 0
+    assert await run(0.0) == [0, 0, 0, 0]
+    assert len(env.nc.published) == 12 and env.service.stats.admitted == 12
 
 
 async def test_a_backlog_in_the_subscription_queue_sheds_the_oldest() -> None:
