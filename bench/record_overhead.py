@@ -4,7 +4,8 @@
 
 Requests are forged like nats-server's (tests/unit/forge.py). Measured per request, in CPU
 time of the calling thread (the event loop's, in the service):
-  core          open + decide + respond (what the service does anyway: the baseline);
+  core          Authorizer.start, the record in memory (what the service does anyway: the
+                baseline);
   record        Recorder.record: decode (and open the xkey box), redact, encode the line and
                 queue it (what the service adds on the loop);
   sync append   the alternative: encode + one os.write per line, on the loop (page cache; a
@@ -25,22 +26,15 @@ from pathlib import Path
 import orjson
 
 from bench.core_cpu import workload
-from callout.decision import Request
 from callout.keys import CurveKey
 from callout.recording import Recorder, record_document
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> None:
     w = workload(args.requests, args.xkey)
-    keys, authorizer, forged, answer, now = w.keys, w.authorizer, w.forged, w.answer, w.now
-    decisions = []
+    keys, forged, now = w.keys, w.forged, w.now
     start = time.thread_time()
-    for f in forged:
-        opened = authorizer.open(f.payload, f.headers, now)
-        assert isinstance(opened, Request), opened
-        decision = authorizer.decide(opened, answer)
-        authorizer.respond(decision, now)
-        decisions.append(decision)
+    decisions = [w.authorize(f).decision for f in forged]
     core = (time.thread_time() - start) / args.requests
 
     xkeys = (CurveKey.from_seed(keys.xkey_seed),) if args.xkey else ()
@@ -52,7 +46,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> None:
         # The whole run is queued before the loop gets a turn: room for all of it.
         target = directory / f"async{run}"
         recorder = Recorder(
-            target, policy=authorizer.policy, max_bytes=64 << 20, max_pending=1 << 30
+            target, policy=w.authorizer.policy, max_bytes=64 << 20, max_pending=1 << 30
         )
         start = time.thread_time()
         for f, decision in zip(forged, decisions, strict=True):
@@ -76,7 +70,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> None:
         os.close(fd)
 
     print(f"{args.requests} requests, xkey={args.xkey}, {line_bytes:.0f} bytes per line")
-    print(f"  core (open+decide+respond)  {core * 1e6:8.1f} us CPU")
+    print(f"  core (Authorizer.start)     {core * 1e6:8.1f} us CPU")
     print(f"  record (on the loop)        {recorded * 1e6:8.1f} us CPU  {recorded / core:6.1%}")
     print(f"  sync append (alternative)   {sync * 1e6:8.1f} us CPU  {sync / core:6.1%}")
     print(f"  writer thread drained       {drain:8.0f} lines/s")

@@ -8,13 +8,18 @@
 
 One run starts one fresh nats-server per scenario, all on loopback:
   LIMIT  the same users as static nkey users in the server config: no callout at all;
-  plain  `python -m callout serve` (a subprocess, --log-level warning) with the users in a
-         real KV bucket;
-  xkey   the same with xkey encryption on.
+  naive  bench/naive.py: a hand-written nats-py callout with the users in a set, no features;
+  plain  `python -m callout serve` (a subprocess, default flags: the users cache, the replay
+         record, the limiter and the decision log line on; --metrics-addr set) with the users
+         in a real KV bucket;
+  xkey   the same with xkey encryption on;
+  naive-uvloop  (only when asked for) the naive callout under uvloop;
+  plain-nolog   (only when asked for) plain with --log-decisions none;
+  plain-asyncio (only when asked for) plain with --event-loop asyncio.
 Load comes from bench.loadgen (hand-rolled client protocol, one process, asyncio).
 
 Phases: at concurrency 1 (latency) and 50 (throughput), --connects connects each, repeated
---repeats times, interleaved (LIMIT, plain, xkey, LIMIT, ...) so drift hits every scenario
+--repeats times, interleaved (LIMIT, naive, plain, xkey, LIMIT, ...) so drift hits every scenario
 alike; the table shows medians. Then a storm per scenario: --storm-connects at
 --storm-concurrency. Every user is allowed, so any connect not admitted counts as an allowed
 user denied. CPU per connection is the /proc/<pid>/stat utime+stime delta of the server and
@@ -42,6 +47,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +58,10 @@ from bench.loadgen import run as load
 from tests.harness import Keys, NatsServer, free_port, make_keys, nats_connect, new_user
 from tests.service import record, seed_files, serve_args, users_bucket
 
-SCENARIOS = ("LIMIT", "plain", "xkey")
+SCENARIOS = ("LIMIT", "naive", "plain", "xkey")
+# Not in the default run: the naive callout under uvloop (how much of the lead is the loop's),
+# plain without its decision log line (what the line costs) and plain under asyncio.
+EXTRA_SCENARIOS = ("naive-uvloop", "plain-nolog", "plain-asyncio")
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
@@ -67,8 +76,8 @@ TARGET_SERVICE_MS = {"plain": 0.20, "xkey": 0.25}
 TARGET_STORM_P99_S = 1.5
 
 
-def proc_cpu(pid: int | None) -> float:
-    """utime + stime of a live process (all its threads), in seconds."""
+def proc_cpu(pid: int | None, user: bool = True, system: bool = True) -> float:
+    """utime + stime of a live process (all its threads), in seconds; or either alone."""
     if pid is None:
         return 0.0
     try:
@@ -76,7 +85,7 @@ def proc_cpu(pid: int | None) -> float:
     except FileNotFoundError:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return (int(fields[11]) * user + int(fields[12]) * system) / CLK_TCK
 
 
 def machine_busy() -> float:
@@ -109,9 +118,34 @@ class Scenario:
         return proc_cpu(self.server.pid), proc_cpu(self.service_pid)
 
     def service_tail(self) -> str:
+        """The service's last 20 lines that are not routine (decision lines, info)."""
         if self.service_log is None or not self.service_log.exists():
             return ""
-        return "\n".join(self.service_log.read_text(errors="replace").splitlines()[-20:])
+        lines = [
+            line
+            for line in self.service_log.read_text(errors="replace").splitlines()
+            if not line.startswith("{") or '"level":"info"' not in line
+        ]
+        return "\n".join(lines[-20:])
+
+    def log_size(self) -> int:
+        return self.service_log.stat().st_size if self.service_log is not None else 0
+
+    def decisions_since(self, offset: int) -> dict[str, int] | None:
+        """The service's decision lines written since `offset`, counted by outcome and reason
+        ("deny store_timeout": 12): what the callout did with the phase's requests. Of the
+        connects not admitted, those it admitted or never answered (or answered too late)
+        ended at the server's 2 s timeout. None for a service without decision lines."""
+        if self.service_log is None or self.name.startswith("naive"):
+            return None
+        counts: Counter[str] = Counter()
+        with self.service_log.open("rb") as log:
+            log.seek(offset)
+            for line in log:
+                if b'"event":"decision"' in line:
+                    doc = json.loads(line)
+                    counts[f"{doc['decision']} {doc['reason']}"] += 1
+        return dict(counts.most_common())
 
     def check_alive(self) -> None:
         if not self.server.is_running():
@@ -206,16 +240,35 @@ async def start_scenario(
         xkey = name == "xkey"
         server = await NatsServer.from_keys(workdir, keys, xkey=xkey).astart()
         scenario = Scenario(name, server)
-        await seed_bucket(server.url, keys, pubs)
         files = seed_files(keys, workdir / "keys")
         cmd = [sys.executable]
         if o.profile is not None:
             scenario.profile = o.profile.with_name(f"{o.profile.stem}.{name}{o.profile.suffix}")
             cmd += ["-m", "cProfile", "-o", str(scenario.profile)]
-        cmd += ["-m", "callout", *serve_args(server, files, xkey=xkey)]
-        cmd += ["--log-level", "warning", *o.service_args]
         scenario.service_log = workdir / "service.log"
-        scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
+        if name.startswith("naive"):
+            # The simple thing, from this checkout whatever --service-src says: its allowed
+            # users are the same keys, in its in-memory set.
+            users = workdir / "users.txt"
+            users.write_text("\n".join(pubs) + "\n")
+            cmd += ["-m", "bench.naive", "--url", server.url,
+                    "--nkey-seed-file", str(files["service"]),
+                    "--issuer-seed-file", str(files["issuer"]),
+                    "--users-file", str(users)]  # fmt: skip
+            if name == "naive-uvloop":
+                cmd.append("--uvloop")
+            scenario.service = spawn_service(cmd, REPO, scenario.service_log)
+        else:
+            await seed_bucket(server.url, keys, pubs)
+            # Default flags, so every default feature is on (the decision log line
+            # included), and metrics served as an operator would.
+            cmd += ["-m", "callout", *serve_args(server, files, xkey=xkey)]
+            cmd += ["--metrics-addr", f"127.0.0.1:{free_port()}", *o.service_args]
+            if name == "plain-nolog":
+                cmd += ["--log-decisions", "none"]
+            elif name == "plain-asyncio":
+                cmd += ["--event-loop", "asyncio"]
+            scenario.service = spawn_service(cmd, o.service_src, scenario.service_log)
         if o.spy is not None:
             scenario.spy_out = o.spy.with_name(f"{o.spy.name}.{name}.txt")
             scenario.spy = start_spy(scenario.service.pid, scenario.spy_out)
@@ -267,6 +320,8 @@ async def phase(
     scenario.check_alive()
     await settle(scenario)
     await wait_quiet(everyone, o.quiet_wait)
+    logged = scenario.log_size()
+    kernel0 = proc_cpu(scenario.service_pid, user=False)
     server0, service0 = scenario.cpu()
     busy0, own0, t0 = machine_busy(), own_cpu(), time.perf_counter()
     result: Result = await load(scenario.server.url, ids, connects, conc, o.timeout)
@@ -281,7 +336,12 @@ async def phase(
     row["service_cpu_ms_per_conn"] = (
         round((service1 - service0) * per, 4) if scenario.service else None
     )
+    # The kernel's part of the service's CPU: its socket reads and writes (on loopback, the
+    # TCP work of both ends of a write is charged to the writer) and its log writes.
+    kernel = proc_cpu(scenario.service_pid, user=False) - kernel0
+    row["service_kernel_ms_per_conn"] = round(kernel * per, 4) if scenario.service else None
     row["wall_s"] = round(result.wall, 3)
+    row["service_decisions"] = scenario.decisions_since(logged)
     # CPU the machine spent on anything but this benchmark: a busy box makes a void run.
     other = max(0.0, busy1 - busy0 - ours)
     row["background_pct"] = round(100 * other / ((t1 - t0) * CPUS), 1)
@@ -337,6 +397,7 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "client_cpu_ms_per_conn",
         "server_cpu_ms_per_conn",
         "service_cpu_ms_per_conn",
+        "service_kernel_ms_per_conn",
         "background_pct",
         "client_lag_p99_ms",
     ):
@@ -345,6 +406,11 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     # Any allowed user denied in any repeat counts: these are totals, not medians.
     for key in ("admitted", "denied", "timeout", "error", "not_admitted", "connects"):
         out[key] = sum(r[key] for r in rows)
+    if rows[0].get("service_decisions") is not None:
+        decided: Counter[str] = Counter()
+        for r in rows:
+            decided.update(r["service_decisions"] or {})
+        out["service_decisions"] = dict(decided.most_common())
     out["repeats"] = len(rows)
     return out
 
@@ -373,18 +439,21 @@ def fmt(value: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'scenario':8} {'phase':>6} {'conn/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
-        f" {'denied':>6} {'srv ms/c':>8} {'svc ms/c':>8} {'cli ms/c':>8} {'rate/L':>6} {'p50/L':>6}"
+        f"{'scenario':13} {'phase':>6} {'conn/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
+        f" {'denied':>6} {'srv ms/c':>8} {'svc ms/c':>8} {'of it sys':>9} {'cli ms/c':>8}"
+        f" {'rate/L':>6} {'p50/L':>6}"
         f" {'lag ms':>6} {'bg %':>5}"
     )
     lines = [head]
     for r in rows:
         kind = r["kind"] if r["kind"] != "storm" else f"s{r['concurrency']}"
         lines.append(
-            f"{r['scenario']:8} {kind:>6}"
+            f"{r['scenario']:13} {kind:>6}"
             f" {r['conn_per_s']:7.0f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}"
             f" {r['not_admitted']:6d} {fmt(r['server_cpu_ms_per_conn'], '8.3f')}"
-            f" {fmt(r['service_cpu_ms_per_conn'], '8.3f')} {r['client_cpu_ms_per_conn']:8.3f}"
+            f" {fmt(r['service_cpu_ms_per_conn'], '8.3f')}"
+            f" {fmt(r.get('service_kernel_ms_per_conn'), '9.3f')}"
+            f" {r['client_cpu_ms_per_conn']:8.3f}"
             f" {fmt(r['rate_x_limit'], '6.2f')} {fmt(r['p50_x_limit'], '6.2f')}"
             f" {r['client_lag_p99_ms']:6.1f} {r['background_pct']:5.1f}"
         )
@@ -420,7 +489,26 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             check(
                 name, "storm p99 s", round(v, 3), f"< {TARGET_STORM_P99_S}", v < TARGET_STORM_P99_S
             )
+        # Issue 10: beat the naive callout (bench/naive.py) of the same run on every figure.
+        for kind, key, what, higher in NAIVE_FIGURES:
+            ours, naive = find(name, kind), find("naive", kind)
+            if ours is None or naive is None or ours[key] is None or naive[key] is None:
+                continue
+            v, base = ours[key], naive[key]
+            met = v >= base if higher else v <= base
+            check(name, what, v, f"{'>=' if higher else '<='} {base} (naive)", met)
     return checks
+
+
+# (phase, column, what, higher is better): the figures callout must match or beat the naive
+# loop on.
+NAIVE_FIGURES = (
+    ("c50", "conn_per_s", "vs naive: c=50 conn/s", True),
+    ("c1", "p50_ms", "vs naive: c=1 p50 ms", False),
+    ("c50", "service_cpu_ms_per_conn", "vs naive: service CPU ms/auth", False),
+    ("storm", "not_admitted", "vs naive: storm users denied", False),
+    ("storm", "p99_ms", "vs naive: storm p99 ms", False),
+)
 
 
 # Wrappers whose cumulative time is "everything" (start-up, the event loop, its idle wait).
@@ -584,7 +672,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--connects", type=int, help="per phase (default 2000; --quick 300)")
     p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; --quick 1)")
-    p.add_argument("--concurrency", default="1,50", help="phases, comma-separated")
+    p.add_argument("--concurrency", default="1,50", help="phases, comma-separated ('': none)")
     p.add_argument("--storm-connects", type=int, help="default 9000 (--quick 600); 0: no storm")
     p.add_argument("--storm-concurrency", type=int, help="default 3000 (--quick 300)")
     p.add_argument("--users", type=int, help="distinct users (default 1000; --quick 100)")
@@ -613,8 +701,8 @@ def parse(argv: Sequence[str] | None) -> Options:
     )
     a = p.parse_args(argv)
     scenarios = tuple(s.strip() for s in a.scenarios.split(",") if s.strip())
-    if bad := [s for s in scenarios if s not in SCENARIOS]:
-        p.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
+    if bad := [s for s in scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]:
+        p.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS + EXTRA_SCENARIOS}")
     if a.py_spy is not None and shutil.which("py-spy") is None:
         p.error("--py-spy needs py-spy on PATH (pip install py-spy)")
 
@@ -624,7 +712,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     o = Options(
         connects=pick(a.connects, 2000, 300),
         repeats=pick(a.repeats, 3, 1),
-        concurrencies=tuple(int(c) for c in a.concurrency.split(",")),
+        concurrencies=tuple(int(c) for c in a.concurrency.split(",") if c.strip()),
         storm_connects=pick(a.storm_connects, 9000, 600),
         storm_concurrency=pick(a.storm_concurrency, 3000, 300),
         users=pick(a.users, 1000, 100),
@@ -683,13 +771,16 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 row = await steady_phase(scenarios[name], everyone, ids, kind, connects, conc, o)
                 row["repeat"] = repeat
                 phases.append(row)
-                print(f"  {name:6} {kind:6} repeat {repeat + 1}: {row['conn_per_s']:7.0f} conn/s,"
+                print(f"  {name:13} {kind:6} repeat {repeat + 1}: {row['conn_per_s']:7.0f} conn/s,"
                       f" p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms,"
                       f" {row['not_admitted']} not admitted, bg {row['background_pct']:.0f} %"
                       + (f" (attempt {row['attempts']})" if row["attempts"] > 1 else ""),
                       flush=True)  # fmt: skip
-            # At --log-level warning a healthy service writes nothing: show what it said
-            # (before stopping it, which logs a disconnect).
+                if row["not_admitted"]:
+                    print(f"  {'':13} {'':6} the clients saw {row['errors']};"
+                          f" the service decided {row['service_decisions']}")  # fmt: skip
+            # A healthy service logs nothing above info: show what it warned about (before
+            # stopping it, which logs a disconnect).
             for scenario in scenarios.values():
                 if tail := scenario.service_tail():
                     print(f"{scenario.name}: the service logged (last lines):\n{tail}")
@@ -712,7 +803,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         print()
         for c in checks:
             print(
-                f"{c['scenario']:6} {c['what']:30} {c['value']!s:>8}  target {c['target']:8}"
+                f"{c['scenario']:13} {c['what']:30} {c['value']!s:>8}  target {c['target']:18}"
                 f" {'met' if c['met'] else 'MISSED'}"
             )
         busy = [p for p in phases if p["background_pct"] > QUIET_PCT]

@@ -33,22 +33,27 @@ from the table below, answered at once (silence costs the client the full server
    record is admitted with the default permissions and logged as `would_deny`. A store (or
    shared replay record) that cannot answer is a deny, never "no record".
 
-The I/O shell (`callout.service`) only moves bytes and time: it calls `open`, asks the store
-(and the shared replay record, when configured) when `Request.internal` is false, within
-the deadline `Request.deadline` gives, calls `decide` with the answers, and sends
-`respond`'s bytes. It turns any exception into `INTERNAL_ERROR`, and sheds load as
-`OVERLOADED`. Nothing here does I/O; the bounded in-memory records it consults
-(`callout.limits`) are its only state, so recorded requests replay through it exactly.
+The driver is two calls. `Authorizer.start(payload, headers, now, lookup)` runs gates 1 and
+2 and, when the answer needs no I/O, gate 3 and the response too: every gate-1/2 deny, an
+internal key, and a key the store can answer from memory (`lookup`, a synchronous read that
+raises `WouldBlock` when only an awaited one can answer) come back as an `Answer`: the
+decision and the bytes to send (None: send nothing). Otherwise it returns a `Pending`, which
+says what it waits for (the store, the shared replay record); the I/O shell
+(`callout.service`) asks them within the deadline `Request.deadline` gives and calls
+`Authorizer.resume(pending, store answer, replay answer, now)` for the `Answer`. Both turn any
+exception into an `INTERNAL_ERROR` deny (never an admit, never silence); the shell sheds load
+as `OVERLOADED`. Nothing here does I/O; the bounded in-memory records it consults
+(`callout.limits`) and its caches are its only state, per instance, and its randomness is
+injected, so recorded requests replay through it exactly.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -67,7 +72,7 @@ from callout.keys import (
 )
 from callout.limits import FailureLimiter, SeenRequests
 from callout.records import UNRESTRICTED, Permissions, RecordError, UserRecord, parse_record
-from callout.store.base import TOMBSTONE
+from callout.store.base import TOMBSTONE, StoreError, WouldBlock
 
 # ---------------------------------------------------------------------------------------------
 # Reasons. Each decision carries exactly one; it is the `reason` field of the decision log line
@@ -201,7 +206,10 @@ class Policy:
             raise ValueError("fail_window and user_ttl must be finite (fail_window > 0)")
 
 
-@dataclass(frozen=True, slots=True)
+# Request and Decision are values, never changed once built, but not `frozen`: a frozen
+# dataclass's __init__ sets each field through object.__setattr__, five times the cost, and
+# both are built for every request.
+@dataclass(slots=True)
 class Request:
     """A request that passed gates 1 and 2: authentic, and the client holds its key."""
 
@@ -233,7 +241,7 @@ class Request:
         return min(received + backend_timeout, self.exp)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     reason: str
     detail: str = ""
@@ -315,6 +323,34 @@ class SeenBefore:
 
 ReplayAnswer = FirstSight | SeenBefore | Unavailable | TimedOut
 
+# A synchronous store read (`Store.get_nowait`): the record, None for none; raises WouldBlock
+# when only the awaited read can answer, StoreError when the store cannot.
+Lookup = Callable[[str], bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What to do with one request: `body` is the response to send, None to send nothing (a
+    request the server has certainly given up on)."""
+
+    decision: Decision
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A request that passed gates 1 and 2 and waits for I/O before gate 3."""
+
+    request: Request
+    # The store's answer when it came from memory; None: the store must be asked.
+    store: StoreAnswer | None
+    # The shared replay record (--replay-bucket) must be asked.
+    replay: bool
+
+    @property
+    def wants_store(self) -> bool:
+        return self.store is None
+
 
 def _b64_signature(text: str) -> bytes | None:
     """Client sigs come as RawURL base64 (Go) or padded standard base64 (nats-py); the server
@@ -330,14 +366,22 @@ def _b64_signature(text: str) -> bytes | None:
         return None
 
 
-@functools.lru_cache(maxsize=16384)
 def _parse_record(value: bytes) -> UserRecord | RecordError:
-    """Records are immutable values and the same ones come back connect after connect; the
-    parse (JSON, every subject checked) is cached by the bytes themselves."""
     try:
         return parse_record(value)
     except RecordError as exc:
         return exc
+
+
+def _uniform(random: bytes) -> float:
+    """A float in [-1, 1) from 8 random bytes (53 of their bits: a double's precision)."""
+    return (int.from_bytes(random, "big") >> 11) / (1 << 52) - 1.0
+
+
+# Parsed records kept per Authorizer (see `_record`).
+_RECORD_CACHE: Final = 16384
+_JTI_BYTES: Final = 12
+_XKEY_NONCE: Final = 24
 
 
 def _is_internal(client_key: str, internal_keys: tuple[str, ...]) -> bool:
@@ -412,13 +456,86 @@ class Authorizer:
     policy: Policy
     seen: SeenRequests = field(default_factory=SeenRequests)
     seen_nonces: SeenRequests = field(default_factory=SeenRequests)
+    # n -> n random bytes: the JWT ids, the spread of user JWT expiries, xkey nonces.
+    random: Callable[[int], bytes] = secrets.token_bytes
     failures_by_key: FailureLimiter = field(init=False)
     failures_by_host: FailureLimiter = field(init=False)
+    _records: dict[bytes, UserRecord | RecordError] = field(init=False, repr=False)
+    _boxes: xkey.Boxes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         policy = self.policy
         self.failures_by_key = FailureLimiter(policy.fail_limit_key, policy.fail_window)
         self.failures_by_host = FailureLimiter(policy.fail_limit_host, policy.fail_window)
+        self._records = {}
+        self._boxes = xkey.Boxes()
+
+    # -- the driver -----------------------------------------------------------------------------
+    def start(
+        self,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        now: float,
+        lookup: Lookup | None = None,
+        *,
+        replay: bool = False,
+    ) -> Answer | Pending:
+        """One request, as far as it goes without I/O. `lookup` reads the store without waiting
+        (None: every lookup waits); `replay`: the shared replay record must be asked too."""
+        request: Request | None = None
+        try:
+            opened = self.open(payload, headers, now)
+            if isinstance(opened, Decision):
+                return self._answer(opened, now)
+            request = opened
+            if request.internal:
+                return self._answer(self.decide(request, None), now)
+            known: StoreAnswer | None = None
+            if lookup is not None:
+                try:
+                    value = lookup(request.client_key)
+                except WouldBlock:
+                    pass
+                except StoreError as exc:
+                    known = Unavailable(str(exc))
+                else:
+                    known = store_answer(value)
+            if known is None or replay:
+                return Pending(request, known, replay)
+            return self._answer(self.decide(request, known), now)
+        except Exception as exc:  # fail closed: a bug must deny, never admit or go silent
+            return self._failure(request, f"{type(exc).__name__} in the decision core", now)
+
+    def resume(
+        self,
+        pending: Pending,
+        from_store: StoreAnswer | None,
+        replay_answer: ReplayAnswer | None,
+        now: float,
+    ) -> Answer:
+        """Gate 3 for a `Pending`, with what the store and the shared replay record answered
+        (each None when it was not asked; the store's answer from memory, when `start` had
+        it, is used instead of `from_store`)."""
+        try:
+            answer = pending.store if pending.store is not None else from_store
+            decision = self.decide(pending.request, answer, replay_answer)
+            return self._answer(decision, now)
+        except Exception as exc:  # fail closed, as in start
+            return self._failure(pending.request, f"{type(exc).__name__} in the decision core", now)
+
+    def abort(self, pending: Pending, detail: str, now: float) -> Answer:
+        """The shell could not get a `Pending` its answers (a bug in its I/O): a deny."""
+        return self._failure(pending.request, detail, now)
+
+    def _answer(self, decision: Decision, now: float) -> Answer:
+        return Answer(decision, None if decision.drop else self.respond(decision, now))
+
+    def _failure(self, request: Request | None, detail: str, now: float) -> Answer:
+        decision = self.fail(request, detail)
+        try:
+            return Answer(decision, self.respond(decision, now))
+        except Exception:
+            return Answer(decision, b"")  # the empty body is still an immediate deny
 
     # -- gate 1 and 2 -------------------------------------------------------------------------
     def open(
@@ -448,7 +565,7 @@ class Authorizer:
                 )
             try:
                 server_xkey = xkey.server_key(header_xkey)
-                token, ours = xkey.open_box(payload, server_xkey, policy.xkeys)
+                token, ours = xkey.open_box(payload, server_xkey, policy.xkeys, self._boxes)
                 xkeys = (server_xkey, ours)
             except xkey.XkeyError as exc:
                 return Decision(XKEY_FAILED, str(exc))
@@ -635,7 +752,9 @@ class Authorizer:
         policy = self.policy
         # The default account is checked like a record's: never SYS or the callout account,
         # whatever the configuration says (the CLI refuses it too; this is the rule).
-        if (request.internal or answer == Missing()) and not self._placeable(policy.account):
+        if (request.internal or isinstance(answer, Missing)) and not self._placeable(
+            policy.account
+        ):
             return Decision(
                 ACCOUNT_NOT_ALLOWED,
                 f"default account {policy.account!r} may not be placed into",
@@ -665,7 +784,7 @@ class Authorizer:
                                 client_key=request.client_key)  # fmt: skip
         match answer:
             case Found(value):
-                record = _parse_record(value)
+                record = self._record(value)
                 if isinstance(record, RecordError):
                     return Decision(
                         RECORD_INVALID, str(record), request, client_key=request.client_key
@@ -721,6 +840,16 @@ class Authorizer:
         reason, detail = grant
         return Decision(reason, detail, request, client_key=request.client_key)
 
+    def _record(self, value: bytes) -> UserRecord | RecordError:
+        """Records are immutable values and the same ones come back connect after connect; the
+        parse (JSON, every subject checked) is kept by the bytes themselves, bounded."""
+        record = self._records.get(value)
+        if record is None:
+            if len(self._records) >= _RECORD_CACHE:
+                del self._records[next(iter(self._records))]  # the oldest parse
+            record = self._records[value] = _parse_record(value)
+        return record
+
     def _placeable(self, account: str) -> bool:
         return _placeable(self.policy, account)
 
@@ -742,9 +871,12 @@ class Authorizer:
         policy = self.policy
         issued = int(now)
         nats: dict[str, Any] = {"type": "authorization_response", "version": 2}
+        # One draw for the whole response: the response's jti, and for an admit the user
+        # JWT's jti and its expiry's spread.
+        random = self.random(2 * _JTI_BYTES + 8 if decision.admit else _JTI_BYTES)
         if decision.admit:
             if jitter is None:
-                jitter = secrets.SystemRandom().uniform(-1.0, 1.0)
+                jitter = _uniform(random[2 * _JTI_BYTES :])
             user_nats: dict[str, Any] = {
                 **decision.permissions.claims(),
                 "subs": -1,
@@ -762,7 +894,7 @@ class Authorizer:
                 if signer.issuer_account is not None:
                     user_nats["issuer_account"] = signer.issuer_account
             user: dict[str, Any] = {
-                "jti": secrets.token_hex(12),
+                "jti": random[_JTI_BYTES : 2 * _JTI_BYTES].hex(),
                 "iat": issued,
                 "iss": user_signer.public,
                 "sub": request.user_nkey,
@@ -779,7 +911,7 @@ class Authorizer:
         if policy.issuer_account is not None:
             nats["issuer_account"] = policy.issuer_account
         response = {
-            "jti": secrets.token_hex(12),
+            "jti": random[:_JTI_BYTES].hex(),
             "iat": issued,
             "iss": policy.issuer.public,
             "sub": request.user_nkey,
@@ -789,5 +921,5 @@ class Authorizer:
         body = jwt.encode(response, policy.issuer)
         if request.xkeys is not None:
             server_key, ours = request.xkeys
-            return xkey.seal(body, ours, server_key)
+            return xkey.seal(body, ours, server_key, self._boxes, self.random(_XKEY_NONCE))
         return body

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +24,12 @@ from callout.keys import KeyError_, KeyKind, SigningKey, decode_public, verify
 # nats-io/jwt writes this header; the server also accepts the legacy alg "ed25519".
 _HEADER = base64.urlsafe_b64encode(orjson.dumps({"typ": "JWT", "alg": "ed25519-nkey"})).rstrip(b"=")
 _ALGS = frozenset({"ed25519-nkey", "ed25519"})
-_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
 # Headers are ~40 bytes; anything much bigger is not a NATS JWT header.
 _MAX_HEADER = 256
+# base64url to standard base64 for binascii's strict decoder; '+', '/' and '=' (not unpadded
+# base64url) become '*', which it refuses.
+_URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/***")
+_STD_TO_URL = bytes.maketrans(b"+/", b"-_")
 
 
 class TokenError(ValueError):
@@ -41,15 +43,17 @@ class TokenError(ValueError):
 
 
 def b64url(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URL).rstrip(b"=")
 
 
 def b64url_decode(segment: bytes) -> bytes:
     """Strict unpadded base64url, as Go's RawURLEncoding: no padding, no stray characters."""
-    if _B64URL.fullmatch(segment) is None or len(segment) % 4 == 1:
+    if len(segment) % 4 == 1:
         raise TokenError("segment is not unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+        # Strict mode refuses anything outside the alphabet; the only padding is added here.
+        std = segment.translate(_URL_TO_STD) + b"=" * (-len(segment) % 4)
+        return binascii.a2b_base64(std, strict_mode=True)
     except (binascii.Error, ValueError):
         raise TokenError("segment is not unpadded base64url") from None
 
@@ -58,6 +62,9 @@ def encode(claims: dict[str, Any], signer: SigningKey) -> bytes:
     payload = b64url(orjson.dumps(claims))
     signing_input = _HEADER + b"." + payload
     return signing_input + b"." + b64url(signer.sign(signing_input))
+
+
+_STANDARD_HEADER = orjson.loads(b64url_decode(_HEADER))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +85,10 @@ def decode(token: bytes, issuer_kind: KeyKind) -> Token:
     if len(header_b64) > _MAX_HEADER:
         raise TokenError("header too large")
     try:
-        header = orjson.loads(b64url_decode(header_b64))
+        # nats-server's header is always the same bytes: parsed once, here, at import.
+        header = (
+            _STANDARD_HEADER if header_b64 == _HEADER else orjson.loads(b64url_decode(header_b64))
+        )
         claims = orjson.loads(b64url_decode(payload_b64))
     except orjson.JSONDecodeError:
         raise TokenError("segment is not JSON") from None

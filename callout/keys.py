@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hmac
 import os
 import secrets
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
@@ -61,27 +61,9 @@ class KeyError_(ValueError):
     """A key or seed that does not decode, or is of the wrong kind. The message is safe to show."""
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-        table.append(crc & 0xFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
 def _crc16(data: bytes) -> int:
-    # CRC-16/XMODEM, as in nats-io/nkeys crc16.go; table-driven, as three keys are decoded
-    # per request.
-    crc = 0
-    table = _CRC_TABLE
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
-    return crc
+    # CRC-16/XMODEM, as in nats-io/nkeys crc16.go: binascii's CRC-CCITT started from 0.
+    return binascii.crc_hqx(data, 0)
 
 
 def _b32decode(text: str) -> bytes:
@@ -107,21 +89,35 @@ def encode_public(kind: KeyKind, raw: bytes) -> str:
     return base64.b32encode(body + _crc16(body).to_bytes(2, "little")).decode().rstrip("=")
 
 
+def _int_digits() -> bytes:
+    table = bytearray(b"z" * 256)  # 'z' is no base-32 digit for int(): everything else fails
+    for letter, digit in zip(
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789abcdefghijklmnopqrstuv", strict=True
+    ):
+        table[letter] = digit
+    return bytes(table)
+
+
+# Public keys are decoded three or four times per request (the server's, the client's, the
+# per-request user_nkey): 56 base32 characters are exactly 280 bits, so they decode as one
+# base-32 integer. The translation maps every byte outside the alphabet to a digit int()
+# refuses (it would otherwise take lower case, '_', whitespace and signs).
+_TO_INT_DIGITS = _int_digits()
+
+
 def decode_public(text: str, kind: KeyKind) -> bytes:
     """The 32 raw bytes of a public key of `kind`; KeyError_ for anything else."""
-    return _decode_public(text, kind)
-
-
-# The same server and client keys come back request after request; the per-request
-# user_nkey does not, so the cache is bounded. Errors are not cached (lru_cache skips them).
-@functools.lru_cache(maxsize=8192)
-def _decode_public(text: str, kind: KeyKind) -> bytes:
     if len(text) != PUBLIC_KEY_LENGTH:
         raise KeyError_(f"not a {kind.name.lower()} public key")
-    body = _checked(_b32decode(text))
-    if body[0] != kind.value:
+    try:
+        raw = int(text.encode("ascii").translate(_TO_INT_DIGITS), 32).to_bytes(35, "big")
+    except (UnicodeEncodeError, ValueError):
+        raise KeyError_("not a base32 nkey") from None
+    if binascii.crc_hqx(raw[:33], 0) != int.from_bytes(raw[33:], "little"):
+        raise KeyError_("nkey checksum mismatch")
+    if raw[0] != kind._value_:  # the plain attribute: Enum's `value` is a slower descriptor
         raise KeyError_(f"not a {kind.name.lower()} public key (starts with {text[:1]!r})")
-    return body[1:]
+    return raw[1:33]
 
 
 def is_public(text: str, kind: KeyKind) -> bool:
@@ -182,7 +178,8 @@ class SigningKey:
         return encode_seed(self.kind, bytes(self._signer))
 
     def sign(self, data: bytes) -> bytes:
-        return self._signer.sign(data).signature
+        # libsodium directly: PyNaCl's SigningKey.sign wraps the same call in a SignedMessage.
+        return nacl.bindings.crypto_sign(data, self._signer._signing_key)[:64]
 
     def __repr__(self) -> str:
         return f"SigningKey({self.kind.name}, {self.public})"
@@ -216,8 +213,11 @@ class CurveKey:
 
 
 def verify(public_raw: bytes, data: bytes, signature: bytes) -> bool:
+    if len(public_raw) != 32 or len(signature) != 64:
+        return False
     try:
-        nacl.signing.VerifyKey(public_raw).verify(data, signature)
+        # libsodium directly (what PyNaCl's VerifyKey.verify calls, without the key object).
+        nacl.bindings.crypto_sign_open(signature + data, public_raw)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
         return False
     return True

@@ -10,6 +10,7 @@ turn a label into a cardinality explosion.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,12 +20,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from callout import __version__
 from callout.decision import EXPIRED, OVERLOADED, REPLAY, STORE_TIMEOUT, STORE_UNAVAILABLE, Decision
@@ -106,46 +112,101 @@ class _ScrapeCollector:
         return ()
 
 
+_SPECIAL_REASONS: Final = (*STORE_ERROR_KINDS, REPLAY, EXPIRED, OVERLOADED)
+# The `le` label of each bucket, as prometheus_client writes it.
+_BUCKET_NAMES: Final = (
+    *(floatToGoString(b) for b in DURATION_BUCKETS),  # type: ignore[no-untyped-call]
+    "+Inf",
+)
+
+
+class _DecisionCounts:
+    """The decision counters and the duration histogram, kept as plain numbers and turned into
+    metric families at scrape time: `observe` runs once per request on the event loop, where
+    prometheus_client's per-series locks and bucket walk cost more than the count itself."""
+
+    def __init__(self) -> None:
+        self.decisions: dict[tuple[str, str], int] = {}
+        # Per outcome: observations per bucket (the last is +Inf, not cumulative), and the sum.
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        # The reasons with counters of their own, counted by the reason itself (not its label).
+        self.special = dict.fromkeys(_SPECIAL_REASONS, 0)
+
+    def add(self, verdict: str, reason: str, label: str, latency: float) -> None:
+        key = (verdict, label)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        if reason in self.special:
+            self.special[reason] += 1
+        buckets = self.buckets.get(verdict)
+        if buckets is None:
+            buckets = self.buckets[verdict] = [0] * (len(DURATION_BUCKETS) + 1)
+            self.sums[verdict] = 0.0
+        # Prometheus buckets are "less than or equal": bisect_left finds the first bound >= it.
+        buckets[bisect.bisect_left(DURATION_BUCKETS, latency)] += 1
+        self.sums[verdict] += latency
+
+    def collect(self) -> Iterable[Metric]:
+        decisions = CounterMetricFamily(
+            "callout_decisions",
+            "Authorization requests decided, by outcome (admit/deny/drop) and reason.",
+            labels=["decision", "reason"],
+        )
+        for labels, count in self.decisions.items():
+            decisions.add_metric(list(labels), count)
+        yield decisions
+        duration = HistogramMetricFamily(
+            "callout_decision_duration_seconds",
+            "Time from receiving a request to sending its answer, by outcome.",
+            labels=["decision"],
+        )
+        for verdict, counts in self.buckets.items():
+            cumulative, total = [], 0
+            for bound, count in zip(_BUCKET_NAMES, counts, strict=True):
+                total += count
+                cumulative.append((bound, float(total)))
+            duration.add_metric([verdict], cumulative, self.sums[verdict])
+        yield duration
+        errors = CounterMetricFamily(
+            "callout_store_errors",
+            "Store lookups that failed (unavailable) or missed their deadline (timeout).",
+            labels=["kind"],
+        )
+        for reason, kind in STORE_ERROR_KINDS.items():
+            errors.add_metric([kind], self.special[reason])
+        yield errors
+        for name, help_text, reason in (
+            (
+                "callout_replays",
+                "Requests seen before: dropped unanswered (the same request again), or denied"
+                " (a new request reusing a client nonce).",
+                REPLAY,
+            ),
+            (
+                "callout_requests_expired",
+                "Requests dropped unanswered because the server had already given up on them.",
+                EXPIRED,
+            ),
+            (
+                "callout_requests_shed",
+                "Requests denied at once because the backlog was over --max-backlog.",
+                OVERLOADED,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=self.special[reason])
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
 class Metrics:
     """One registry per service instance (tests run several in one process)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.decisions = Counter(
-            "callout_decisions",
-            "Authorization requests decided, by outcome (admit/deny/drop) and reason.",
-            ["decision", "reason"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "callout_decision_duration_seconds",
-            "Time from receiving a request to sending its answer, by outcome.",
-            ["decision"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.store_errors = Counter(
-            "callout_store_errors",
-            "Store lookups that failed (unavailable) or missed their deadline (timeout).",
-            ["kind"],
-            registry=r,
-        )
-        self.replays = Counter(
-            "callout_replays",
-            "Requests dropped unanswered as replays of a request already seen.",
-            registry=r,
-        )
-        self.expired = Counter(
-            "callout_requests_expired",
-            "Requests dropped unanswered because the server had already given up on them.",
-            registry=r,
-        )
-        self.shed = Counter(
-            "callout_requests_shed",
-            "Requests denied at once because the backlog was over --max-backlog.",
-            registry=r,
-        )
+        self._counts = _DecisionCounts()
+        r.register(self._counts)
         self.server_rejections = Counter(
             "callout_server_rejections",
             "Connections we admitted that nats-server then rejected, by kind of problem.",
@@ -171,39 +232,18 @@ class Metrics:
         info = Gauge("callout_info", "Always 1; the version as a label.", ["version"], registry=r)
         info.labels(version=__version__).set(1)
         # Series that should read 0 rather than be absent until their first event.
-        for kind in STORE_ERROR_KINDS.values():
-            self.store_errors.labels(kind=kind)
         for kind in REJECTION_KINDS:
             self.server_rejections.labels(kind=kind)
         self._reasons: set[str] = set()
-        self._decision_children: dict[tuple[str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
         self._scrape = _ScrapeCollector()
         r.register(self._scrape)
 
     # -- decisions ------------------------------------------------------------------------------
     def observe(self, decision: Decision, latency: float) -> None:
         """`CalloutService.observers` entry: counts one decision. Never blocks."""
-        verdict = outcome(decision)
         reason = decision.reason
-        # The labelled children, looked up once: `labels()` validates and locks on every call.
-        key = (verdict, self._reason_label(reason))
-        counter = self._decision_children.get(key)
-        if counter is None:
-            counter = self._decision_children[key] = self.decisions.labels(*key)
-        counter.inc()
-        histogram = self._duration_children.get(verdict)
-        if histogram is None:
-            histogram = self._duration_children[verdict] = self.duration.labels(decision=verdict)
-        histogram.observe(max(latency, 0.0))
-        if (kind := STORE_ERROR_KINDS.get(reason)) is not None:
-            self.store_errors.labels(kind=kind).inc()
-        elif reason == REPLAY:
-            self.replays.inc()
-        elif reason == EXPIRED:
-            self.expired.inc()
-        elif reason == OVERLOADED:
-            self.shed.inc()
+        label = reason if reason in self._reasons else self._reason_label(reason)
+        self._counts.add(outcome(decision), reason, label, max(latency, 0.0))
 
     def _reason_label(self, reason: str) -> str:
         if reason in self._reasons:

@@ -3,13 +3,17 @@
 It owns the promises the core cannot keep by itself:
 - every request is answered exactly once (one publish per message, on every path,
   exceptions included), except requests the server has certainly given up on;
-- requests are handled concurrently, up to `max_inflight` at once. nats-py runs a
-  subscription's callbacks one after another (docs/protocol.md §9, "Reconnect storms"), so the
-  callback only starts a task or queues the message, and never waits;
-- under a backlog the freshest request goes first: it is the one that can still make the
-  server's deadline, while the oldest may already be lost. A backlog longer than
-  `max_backlog` sheds its oldest request with an immediate deny (an empty body), never
-  silence;
+- a request that needs no I/O (every gate-1/2 deny, an internal key, a lookup the users
+  cache answers from memory: nearly all of them in a reconnect storm) is decided and
+  answered inside the subscription callback, with no task and no await. nats-py runs a
+  subscription's callbacks one after another, so these are answered in arrival order: the
+  oldest request, the one closest to the server's timeout, goes first;
+- the callback hands the event loop back every `SLICE` seconds of such work, so the replies
+  already decided are written out (nats-py's flusher) while a backlog is worked off;
+- a request that needs I/O (a lookup the cache cannot answer, the shared replay record) gets
+  its own task, up to `max_inflight` at once; the others wait their turn, oldest first;
+- a backlog longer than `max_backlog` (requests received and not yet started) sheds its
+  oldest request with an immediate deny (an empty body), never silence;
 - no store lookup outlives its deadline (`Request.deadline`).
 """
 
@@ -21,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -28,12 +33,14 @@ from nats.aio.subscription import Subscription
 
 from callout import log
 from callout.decision import (
+    INTERNAL_ERROR,
     OVERLOADED,
+    Answer,
     Authorizer,
     Decision,
     FirstSight,
+    Pending,
     ReplayAnswer,
-    Request,
     SeenBefore,
     StoreAnswer,
     TimedOut,
@@ -45,6 +52,12 @@ from callout.store import Store, StoreError
 from callout.store.replay import ReplayBucket
 
 SUBJECT = "$SYS.REQ.USER.AUTH"
+# Longest run of callback work (seconds) before the event loop gets a turn: bounds how long a
+# decided reply waits to be written while a backlog is worked off, at one loop turn each.
+SLICE: Final = 0.005
+
+LogDecisions = Literal["all", "deny", "none"]
+LOG_DECISIONS: Final = ("all", "deny", "none")
 
 
 @dataclass
@@ -74,9 +87,14 @@ class CalloutService:
     replay: ReplayBucket | None = None
     # --record-dir: given every handled request (bytes as received) and its decision.
     recorder: Recorder | None = None
+    # --log-decisions: which decisions get a log line (all, denies and drops only, none).
+    log_decisions: LogDecisions = "all"
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
-    _backlog: deque[tuple[Msg, float]] = field(default_factory=deque, init=False)
+    # Requests that need I/O and wait for a free task, oldest first.
+    _waiting: deque[tuple[Msg, float, Pending]] = field(default_factory=deque, init=False)
     _sub: Subscription | None = field(default=None, init=False)
+    # When the current run of callback work began (monotonic); None once the loop had a turn.
+    _slice_began: float | None = field(default=None, init=False)
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(SUBJECT, queue=self.queue, cb=self._on_message)
@@ -105,7 +123,7 @@ class CalloutService:
                 log.warning("drain_failed", exception=type(exc).__name__)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        # Finishing a task starts the next backlog entry, so wait until both are empty.
+        # Finishing a task starts the next waiting request, so wait until both are empty.
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -115,74 +133,103 @@ class CalloutService:
 
     @property
     def inflight(self) -> int:
+        """Requests waiting on I/O (a store lookup, the shared replay record)."""
         return len(self._tasks)
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog)
+        """Requests received and not started: in the subscription's queue, or decided as far
+        as they go without I/O and waiting for a task."""
+        return self._queued() + len(self._waiting)
 
+    def _queued(self) -> int:
+        sub = self._sub
+        return sub.pending_msgs if sub is not None else 0
+
+    # -- receiving ----------------------------------------------------------------------------
     async def _on_message(self, msg: Msg) -> None:
         received = self.clock()
         self.stats.requests += 1
-        if len(self._tasks) < self.max_inflight:
-            self._spawn(msg, received)
-            return
-        if len(self._backlog) >= self.max_backlog:
-            oldest, oldest_received = self._backlog.popleft()
-            self.stats.shed += 1
-            await self._reply(oldest, b"")
-            shed = Decision(OVERLOADED, f"backlog over {self.max_backlog}")
-            self._log(shed, oldest_received)
-            self._record(oldest, oldest_received, shed)
-        self._backlog.append((msg, received))
+        if self._queued() + len(self._waiting) >= self.max_backlog:
+            if not self._waiting:
+                # This one is the oldest (the subscription's queue is in arrival order).
+                await self._shed(msg, received)
+                await self._pace()
+                return
+            oldest, oldest_received, _ = self._waiting.popleft()
+            await self._shed(oldest, oldest_received)
+        try:
+            started = self.authorizer.start(
+                msg.data,
+                msg.headers,
+                received,
+                self.store.get_nowait,
+                replay=self.replay is not None,
+            )
+        except Exception as exc:  # start is total; this only guards the shell's own bug
+            started = Answer(self.authorizer.fail(None, f"{type(exc).__name__} in the shell"), b"")
+        if isinstance(started, Pending):
+            self._wait_for_io(msg, received, started)
+        else:
+            await self._finish(msg, received, started)
+        await self._pace()
 
-    def _spawn(self, msg: Msg, received: float) -> None:
-        task = asyncio.create_task(self._handle(msg, received))
+    async def _pace(self) -> None:
+        """Give the event loop a turn once this run of callback work has lasted `SLICE`."""
+        if not self._queued():
+            return  # nothing waits: the subscription's task hands the loop its turn itself
+        now = time.monotonic()
+        if self._slice_began is None:
+            self._slice_began = now
+            asyncio.get_running_loop().call_soon(self._slice_ended)
+        elif now - self._slice_began >= SLICE:
+            await asyncio.sleep(0)
+
+    def _slice_ended(self) -> None:
+        self._slice_began = None
+
+    async def _shed(self, msg: Msg, received: float) -> None:
+        self.stats.shed += 1
+        shed = Decision(OVERLOADED, f"backlog over {self.max_backlog}")
+        await self._finish(msg, received, Answer(shed, b""))
+
+    # -- requests that need I/O ---------------------------------------------------------------
+    def _wait_for_io(self, msg: Msg, received: float, pending: Pending) -> None:
+        if len(self._tasks) < self.max_inflight:
+            self._spawn(msg, received, pending)
+            return
+        self._waiting.append((msg, received, pending))
+
+    def _spawn(self, msg: Msg, received: float, pending: Pending) -> None:
+        task = asyncio.create_task(self._resolve(msg, received, pending))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._backlog and len(self._tasks) < self.max_inflight:
-            msg, received = self._backlog.pop()  # freshest first
-            self._spawn(msg, received)
+        if self._waiting and len(self._tasks) < self.max_inflight:
+            self._spawn(*self._waiting.popleft())  # oldest first: the earliest deadline
 
-    async def _handle(self, msg: Msg, received: float) -> None:
+    async def _resolve(self, msg: Msg, received: float, pending: Pending) -> None:
         authorizer = self.authorizer
-        request: Request | None = None
+        from_store: StoreAnswer | None = None
+        replay_answer: ReplayAnswer | None = None
         try:
-            opened = authorizer.open(msg.data, msg.headers, received)
-            if isinstance(opened, Decision):
-                decision = opened
-            else:
-                request = opened
-                if request.internal:
-                    decision = authorizer.decide(request, None)
-                elif self.replay is None:
-                    decision = authorizer.decide(request, await self._lookup(request, received))
-                else:
-                    answer, replay = await asyncio.gather(
-                        self._lookup(request, received), self._check_replay(request, received)
-                    )
-                    decision = authorizer.decide(request, answer, replay)
-            if decision.drop:
-                self.stats.dropped += 1
-                self._log(decision, received)
-                self._record(msg, received, decision)
-                return
-            body = authorizer.respond(decision, self.clock())
-        except Exception as exc:  # fail closed: a bug must deny, never admit or go silent
-            decision = authorizer.fail(request, f"{type(exc).__name__} in handler")
-            log.error("handler_error", exception=type(exc).__name__, client=decision.client_key)
-            try:
-                body = authorizer.respond(decision, self.clock())
-            except Exception:
-                body = b""  # the empty body is still an immediate deny
-        await self._reply(msg, body)
-        self._log(decision, received)
-        self._record(msg, received, decision)
+            if pending.wants_store and pending.replay:
+                from_store, replay_answer = await asyncio.gather(
+                    self._lookup(pending, received), self._check_replay(pending, received)
+                )
+            elif pending.wants_store:
+                from_store = await self._lookup(pending, received)
+            elif pending.replay:
+                replay_answer = await self._check_replay(pending, received)
+            answer = authorizer.resume(pending, from_store, replay_answer, self.clock())
+        except Exception as exc:  # a bug in the I/O: deny, never admit or go silent
+            answer = authorizer.abort(pending, f"{type(exc).__name__} in a lookup", self.clock())
+        await self._finish(msg, received, answer)
 
-    async def _lookup(self, request: Request, received: float) -> StoreAnswer:
+    async def _lookup(self, pending: Pending, received: float) -> StoreAnswer:
+        request = pending.request
         budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
         if budget <= 0:
             return TimedOut()
@@ -195,8 +242,9 @@ class CalloutService:
             return Unavailable(str(exc))
         return store_answer(value)
 
-    async def _check_replay(self, request: Request, received: float) -> ReplayAnswer:
+    async def _check_replay(self, pending: Pending, received: float) -> ReplayAnswer:
         assert self.replay is not None
+        request = pending.request
         budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
         if budget <= 0:
             return TimedOut()
@@ -210,6 +258,31 @@ class CalloutService:
         except StoreError as exc:
             return Unavailable(str(exc))
         return FirstSight() if first else SeenBefore()
+
+    # -- answering ----------------------------------------------------------------------------
+    async def _finish(self, msg: Msg, received: float, answer: Answer) -> None:
+        decision = answer.decision
+        latency = self.clock() - received
+        if decision.admit:
+            self.stats.admitted += 1
+        elif not decision.drop:
+            self.stats.denied += 1
+        if decision.reason == INTERNAL_ERROR:
+            log.error("handler_error", detail=decision.detail, client=decision.client_key)
+        # Logged first: the line is written at the loop's next turn, before nats-py's flusher
+        # (woken by the publish below) writes the reply, so a decision seen on the wire is
+        # already in the log.
+        self._log(decision, latency)
+        if answer.body is None:
+            self.stats.dropped += 1
+        else:
+            await self._reply(msg, answer.body)
+        for observe in self.observers:
+            try:
+                observe(decision, latency)
+            except Exception as exc:  # an observer's bug must not touch decisions
+                log.error("observer_error", exception=type(exc).__name__)
+        self._record(msg, received, decision)
 
     async def _reply(self, msg: Msg, body: bytes) -> None:
         if not msg.reply:
@@ -231,34 +304,32 @@ class CalloutService:
         except Exception as exc:  # the recorder's bug must not touch decisions
             log.error("recorder_error", exception=type(exc).__name__)
 
-    def _log(self, decision: Decision, received: float) -> None:
-        latency_ms = round((self.clock() - received) * 1000, 2)
-        if decision.admit:
-            self.stats.admitted += 1
-        elif not decision.drop:
-            self.stats.denied += 1
-        request = decision.request
-        fields: dict[str, object] = {
-            "client": decision.client_key,
-            "decision": "drop" if decision.drop else "admit" if decision.admit else "deny",
-            "reason": decision.reason,
-            "latency_ms": latency_ms,
-        }
-        if decision.detail:
-            fields["detail"] = decision.detail
-        if decision.admit:
-            fields["account"] = decision.account
-        if request is not None:
-            fields["server"] = request.server_id
-            if request.client_id:
-                # With `server`, names the connection: the server's auth error event and
-                # connz say `cid` too.
-                fields["cid"] = request.client_id
-            if request.client_host:
-                fields["host"] = request.client_host
-        log.info("decision", **fields)
-        for observe in self.observers:
-            try:
-                observe(decision, latency_ms / 1000)
-            except Exception as exc:  # an observer's bug must not touch decisions
-                log.error("observer_error", exception=type(exc).__name__)
+    def _log(self, decision: Decision, latency: float) -> None:
+        try:
+            self._log_line(decision, latency)
+        except Exception as exc:  # the line is lost, never the reply that follows it
+            log.error("log_error", exception=type(exc).__name__)
+
+    def _log_line(self, decision: Decision, latency: float) -> None:
+        admit = decision.admit
+        if self.log_decisions == "all" or (self.log_decisions == "deny" and not admit):
+            request = decision.request
+            fields: dict[str, object] = {
+                "client": decision.client_key,
+                "decision": "drop" if decision.drop else "admit" if admit else "deny",
+                "reason": decision.reason,
+                "latency_ms": round(latency * 1000, 2),
+            }
+            if decision.detail:
+                fields["detail"] = decision.detail
+            if admit:
+                fields["account"] = decision.account
+            if request is not None:
+                fields["server"] = request.server_id
+                if request.client_id:
+                    # With `server`, names the connection: the server's auth error event and
+                    # connz say `cid` too.
+                    fields["cid"] = request.client_id
+                if request.client_host:
+                    fields["host"] = request.client_host
+            log.info_fields("decision", fields)

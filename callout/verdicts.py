@@ -65,7 +65,8 @@ def classify(reason: str) -> str:
     return "other"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per admit, and a frozen dataclass's __init__ costs five times more.
+@dataclass(slots=True)
 class _Admit:
     client: str
     reason: str

@@ -42,7 +42,7 @@ from callout.keys import (
 )
 from callout.records import account_problem
 from callout.revocation import Revoker
-from callout.service import CalloutService
+from callout.service import LOG_DECISIONS, CalloutService
 from callout.store import Store, StoreError
 from callout.store import kv as kvstore
 from callout.store.replay import ReplayBucket
@@ -170,20 +170,25 @@ def policy_from_args(args: argparse.Namespace, issuer: SigningKey | None = None)
 
 
 async def _nats_events(
-    listeners: list[WatchedStore],
+    connection: str, listeners: list[WatchedStore]
 ) -> dict[str, Callable[..., Awaitable[None]]]:
     async def disconnected() -> None:
-        log.warning("nats_disconnected")
+        log.warning("nats_disconnected", connection=connection)
         for listener in listeners:
             listener.disconnected()
 
     async def reconnected() -> None:
-        log.info("nats_reconnected")
+        log.info("nats_reconnected", connection=connection)
         for listener in listeners:
             listener.reconnected()
 
     async def error(exc: Exception) -> None:
-        log.warning("nats_error", exception=type(exc).__name__, detail=str(exc)[:200])
+        log.warning(
+            "nats_error",
+            connection=connection,
+            exception=type(exc).__name__,
+            detail=str(exc)[:200],
+        )
 
     return {"disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error}
 
@@ -221,18 +226,33 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
             )
         except recording.RecordDirError as exc:
             fail(str(exc))
-    # The cache must hear about a dropped connection before anything else can ask it.
+    # The users cache stops answering while the requests' connection is down (a reply decided
+    # from memory then could only go out once the copy is confirmed again, or not at all), so
+    # it must hear about a drop before anything else can ask it.
     listeners: list[WatchedStore] = []
     nc = await connect(
         args.nats_url,
         identity,
         name="callout",
         reconnect=True,
-        callbacks=await _nats_events(listeners),
+        callbacks=await _nats_events("requests", listeners),
+    )
+    # The store (the users cache, direct lookups, the replay record) gets a connection of its
+    # own. On the requests' connection its answers would queue behind every request the
+    # server has sent us (one TCP stream, in order): in a connect storm a probe of the users
+    # stream waits for our whole backlog, which reads as JetStream stalling, and the cache
+    # goes dark exactly when it is needed. (The cache's watch and probes have a third, on
+    # their own thread: callout/store/watch.py.)
+    store_nc = await connect(
+        args.nats_url,
+        identity,
+        name="callout-store",
+        reconnect=True,
+        callbacks=await _nats_events("store", []),
     )
     # The shell's deadline bounds every lookup; this only stops nats-py giving up first.
     timeout = max(policy.backend_timeout, 1.0)
-    direct = kvstore.KVStore(nc, args.users_bucket, request_timeout=timeout)
+    direct = kvstore.KVStore(store_nc, args.users_bucket, request_timeout=timeout)
     store: Store = direct
     revoker = await _revoker(args, policy)
     watched: WatchedStore | None = None
@@ -251,7 +271,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                 callbacks=callbacks,
             )
 
-        watched = WatchedStore(nc, args.users_bucket, connect=watch_connection, direct=direct)
+        watched = WatchedStore(
+            store_nc, args.users_bucket, connect=watch_connection, direct=direct
+        )
         listeners.append(watched)
         if revoker is not None:
             watched.listeners.append(revoker.record_changed)
@@ -261,7 +283,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
             store = watched
     replay: ReplayBucket | None = None
     if args.replay_bucket:
-        replay = ReplayBucket(nc, args.replay_bucket, request_timeout=timeout)
+        replay = ReplayBucket(store_nc, args.replay_bucket, request_timeout=timeout)
         try:
             await replay.ensure(args.replicas)
         except StoreError as exc:  # fail closed at lookup time; the service still starts
@@ -275,6 +297,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         max_backlog=args.max_backlog,
         replay=replay,
         recorder=recorder,
+        log_decisions=args.log_decisions,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -313,12 +336,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                 await step()
         except Exception as exc:
             log.warning("stop_step_failed", step=name, exception=type(exc).__name__)
-    try:
-        async with asyncio.timeout(5):
-            await nc.drain()
-    except Exception:
-        with contextlib.suppress(Exception):
-            await nc.close()
+    for connection in (nc, store_nc):
+        try:
+            async with asyncio.timeout(5):
+                await connection.drain()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await connection.close()
     log.info("stopped", **vars(service.stats))
     return 0
 
@@ -497,6 +521,13 @@ def register(sub: Any) -> None:
         help="uvloop (the default: less CPU per authorization, bench/README.md) or asyncio",
     )
     add(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add(
+        p,
+        "--log-decisions",
+        default="all",
+        choices=list(LOG_DECISIONS),
+        help="which decisions get an info line: all, deny (denies and drops), none",
+    )
     add(p, "--log-format", default="json", choices=["json", "console"])
     operations.register_flags(p)
     p.set_defaults(run=lambda a: serve(a), logs=True)

@@ -149,7 +149,8 @@ async def test_two_replicas_share_the_load_and_survive_one_killed(
         # answers everything.
         handled_by_second = len(decided(second))
         second.kill()
-        # (Its users-cache watch has a connection of its own, `callout-users-watch`.)
+        # (Its store connection, "callout-store", and its users-cache watch's,
+        # "callout-users-watch", go too.)
         await next_event(
             disconnects,
             lambda e: e["client"].get("acc") == "AUTH" and e["client"].get("name") == "callout",

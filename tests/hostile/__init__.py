@@ -2,8 +2,8 @@
 records, kept as data files in ``corpus/`` (written by ``make_corpus.py``, run by hand).
 
 This module loads a case and runs it through the sans-I/O core exactly as the service does
-(``open``, then ``decide`` with the store's answer taken from the case's ``users`` map, then
-``respond``), and checks an answer the way nats-server reads it: with the independent
+(``Authorizer.start``, reading the store from the case's ``users`` map as the users cache
+does, from memory), and checks an answer the way nats-server reads it: with the independent
 decoder of ``tests.unit.forge`` (nkeys + PyNaCl), not with ``callout``'s own codec.
 
 A case file holds everything a run needs: the payload (base64), the headers, the fixed
@@ -33,7 +33,8 @@ from typing import Any, Literal
 import nkeys
 import pytest
 
-from callout.decision import Authorizer, Decision, Found, Missing, Request, StoreAnswer
+from callout import decision as core_api
+from callout.decision import Authorizer, Decision
 from tests.harness import Keys
 from tests.service import policy_for
 from tests.unit import forge
@@ -143,9 +144,10 @@ def authorizer(case: Case) -> Authorizer:
     return Authorizer(policy_for(case.deployment_keys, xkey=case.xkey))
 
 
-def store_answer(case: Case, client_key: str) -> StoreAnswer:
+def lookup(case: Case, client_key: str) -> bytes | None:
+    """The case's store, read from memory: the record's bytes, None for no record."""
     value = case.users.get(client_key)
-    return Missing() if value is None else Found(value.encode())
+    return None if value is None else value.encode()
 
 
 @dataclass(frozen=True)
@@ -155,17 +157,11 @@ class Outcome:
 
 
 def run_core(case: Case, core: Authorizer | None = None) -> Outcome:
-    """One request through the core with the case's clock, as `CalloutService._handle` does."""
+    """One request through the core with the case's clock, as `CalloutService` does."""
     core = core or authorizer(case)
-    opened = core.open(case.payload, case.headers, case.now)
-    if isinstance(opened, Request):
-        answer = None if opened.internal else store_answer(case, opened.client_key)
-        decision = core.decide(opened, answer)
-    else:
-        decision = opened
-    if decision.drop:
-        return Outcome(decision, None)
-    return Outcome(decision, core.respond(decision, case.now))
+    answer = core.start(case.payload, case.headers, case.now, lambda key: lookup(case, key))
+    assert isinstance(answer, core_api.Answer), "a store read from memory never waits"
+    return Outcome(answer.decision, answer.body)
 
 
 def error_claims(case: Case, body: bytes, *, sealed: bool) -> dict[str, Any]:
@@ -216,7 +212,7 @@ __all__ = [
     "error_claims",
     "from_doc",
     "load_all",
+    "lookup",
     "run_core",
-    "store_answer",
     "to_doc",
 ]

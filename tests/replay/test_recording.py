@@ -301,10 +301,10 @@ class FailingStore(MemoryStore):
         super().__init__(records=records)
         self.broken = broken
 
-    async def get(self, key: str) -> bytes | None:
+    def get_nowait(self, key: str) -> bytes | None:
         if key == self.broken:
             raise StoreError("JetStream said no")
-        return await super().get(key)
+        return super().get_nowait(key)
 
 
 async def test_the_service_records_every_handled_request_after_its_reply(tmp_path: Path) -> None:

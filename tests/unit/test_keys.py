@@ -7,6 +7,7 @@ import base64
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import nkeys
@@ -199,6 +200,27 @@ def test_lowercase_and_non_ascii_are_refused() -> None:
         decode_public(public[:-1] + "é", KeyKind.USER)
     with pytest.raises(KeyError_, match="base32"):
         decode_public(public[:-1] + "1", KeyKind.USER)  # '1' is not in the base32 alphabet
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda k: "+" + k[1:],  # a sign
+        lambda k: "-" + k[1:],
+        lambda k: k[:20] + "_" + k[21:],  # a digit separator
+        lambda k: " " + k[1:],  # whitespace
+        lambda k: k[:-1] + "\n",
+        lambda k: k[:20] + "0" + k[21:],  # '0', '1', '8', '9' are not base32 digits
+        lambda k: k[:20] + "8" + k[21:],
+    ],
+)
+def test_public_keys_are_read_strictly(edit: Any) -> None:
+    # Public keys decode as one base-32 integer; int() itself would accept all of these.
+    _, public = new_user()
+    bad = edit(public)
+    assert len(bad) == PUBLIC_KEY_LENGTH and bad != public
+    with pytest.raises(KeyError_, match="base32"):
+        decode_public(bad, KeyKind.USER)
 
 
 @pytest.mark.parametrize("cut", [-1, -8, 1])

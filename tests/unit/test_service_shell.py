@@ -1,27 +1,32 @@
 """callout.service, the asyncio shell, driven without NATS: a fake connection that records
 publishes, `MemoryStore` (or a gated store) and a fixed clock. What it must promise:
 exactly one reply per message (none for dead requests), a deny on every failure path,
-no store lookup past its deadline, and no more than `max_inflight` at once.
+no store lookup past its deadline, no more than `max_inflight` lookups at once, and an
+answer inside the callback whenever no I/O is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import nkeys
+import orjson
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from callout import decision as d
-from callout.decision import Authorizer, Decision, Request, StoreAnswer
+from callout import log
+from callout.decision import Authorizer, Decision, ReplayAnswer, Request, StoreAnswer
 from callout.service import SUBJECT, CalloutService
-from callout.store import StoreError
+from callout.store import StoreError, WouldBlock
 from callout.store.memory import MemoryStore
 from tests.harness import Keys, make_keys, new_curve
+from tests.operate import captured_logs
 from tests.service import policy_for, record
 from tests.unit import forge
 from tests.unit.forge import DELETE, ClientKey, Forged, ServerIdentity
@@ -69,6 +74,9 @@ class GatedStore:
     def when_active(self, n: int) -> asyncio.Event:
         return self.reached.setdefault(n, asyncio.Event())
 
+    def get_nowait(self, key: str) -> bytes | None:
+        raise WouldBlock
+
     async def get(self, key: str) -> bytes | None:
         self.calls += 1
         self.active += 1
@@ -87,13 +95,22 @@ class GatedStore:
 
 
 class RaisingStore:
-    def __init__(self, exc: BaseException) -> None:
+    """Raises from the awaited read, or (`nowait`) already from the synchronous one."""
+
+    def __init__(self, exc: BaseException, nowait: bool = False) -> None:
         self.exc = exc
+        self.nowait = nowait
         self.calls = 0
 
     async def get(self, key: str) -> bytes | None:
         self.calls += 1
         raise self.exc
+
+    def get_nowait(self, key: str) -> bytes | None:
+        if self.nowait:
+            self.calls += 1
+            raise self.exc
+        raise WouldBlock
 
 
 @dataclass
@@ -126,11 +143,15 @@ class Env:
             headers=headers,
         )
 
-    async def handle(self, msg: Msg, received: float | None = None) -> None:
-        """One request straight through `_handle`, bounded so a hang fails instead of waits."""
-        await asyncio.wait_for(
-            self.service._handle(msg, self.clock.now if received is None else received), 10
-        )
+    async def handle(self, msg: Msg) -> None:
+        """One request through the subscription callback and any task it started, bounded so
+        a hang fails instead of waits."""
+
+        async def run() -> None:
+            await self.service._on_message(msg)
+            await self.service.stop()
+
+        await asyncio.wait_for(run(), 10)
 
     def reply_claims(self, body: bytes, forged: Forged) -> dict[str, Any]:
         claims = forge.decode_jwt(body, nkeys.PREFIX_BYTE_ACCOUNT)
@@ -265,30 +286,44 @@ async def test_deadline_is_the_server_s_wait_when_that_comes_first() -> None:
     env.nc.events = events
     forged = env.forge(timeout=2.0)
     msg = env.msg(forged)
-    # Received 1.9 s ago: the server gives up in 100 ms, the answer needs 50 ms to reach it.
-    await env.handle(msg, received=env.clock.now - 1.9)
+    # Received, then 1.9 s pass before the lookup starts: the server gives up in 100 ms, and
+    # the answer needs 50 ms to reach it.
+    readings = iter([env.clock.now])
+    env.service.clock = lambda: next(readings, env.clock.now + 1.9)
+    await env.handle(msg)
     assert events == ["store_called", "store_cancelled", "publish"]
     assert env.error_of(msg, forged) == d.STORE_TIMEOUT
 
 
 async def test_no_lookup_once_the_deadline_has_passed() -> None:
-    env = make_env(backend_timeout=1.0)
-    forged = env.forge(timeout=10.0)
-    msg = env.msg(forged)
-    # Received 2 s ago (e.g. waiting for a slot): the 1 s budget is spent before the lookup.
-    await env.handle(msg, received=env.clock.now - 2.0)
-    assert env.store.lookups == 0
-    assert env.error_of(msg, forged) == d.STORE_TIMEOUT
+    events: list[str] = []
+    store = GatedStore(events)
+    env = make_env(store, backend_timeout=1.0, max_inflight=1)
+    store.records[env.client.public] = record("alice")
+    first, second = env.forge(timeout=10.0), env.forge(timeout=10.0)
+    first_msg, second_msg = env.msg(first), env.msg(second)
+    await env.service._on_message(first_msg)
+    await env.service._on_message(second_msg)  # waits for the one task there is
+    await asyncio.wait_for(store.when_active(1).wait(), 10)
+    # The second waited 2 s for its turn: its 1 s budget is spent before its lookup.
+    env.clock.now += 2.0
+    store.gate.set()
+    await asyncio.wait_for(env.service.stop(), 10)
+    assert store.calls == 1
+    bodies = dict(env.nc.published)
+    assert "jwt" in env.reply_claims(bodies[first_msg.reply], first)["nats"]
+    assert env.reply_claims(bodies[second_msg.reply], second)["nats"]["error"] == d.STORE_TIMEOUT
 
 
 # ---------------------------------------------------------------------------------------------
 # exceptions: one reply, internal_error, never an admit
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nowait", [False, True], ids=["awaited", "nowait"])
 @pytest.mark.parametrize(
     "exc", [RuntimeError("bug"), KeyError("k"), ValueError("v"), ZeroDivisionError()]
 )
-async def test_exception_in_the_store(exc: Exception) -> None:
-    env = make_env(RaisingStore(exc))
+async def test_exception_in_the_store(exc: Exception, nowait: bool) -> None:
+    env = make_env(RaisingStore(exc, nowait))
     forged = env.forge()
     msg = env.msg(forged)
     await env.handle(msg)
@@ -296,8 +331,9 @@ async def test_exception_in_the_store(exc: Exception) -> None:
     assert env.service.stats.admitted == 0 and env.service.stats.denied == 1
 
 
-async def test_store_error_subclass_is_unavailable_not_internal() -> None:
-    env = make_env(RaisingStore(StoreError("bucket 'users' does not exist")))
+@pytest.mark.parametrize("nowait", [False, True], ids=["awaited", "nowait"])
+async def test_store_error_subclass_is_unavailable_not_internal(nowait: bool) -> None:
+    env = make_env(RaisingStore(StoreError("bucket 'users' does not exist"), nowait))
     forged = env.forge()
     msg = env.msg(forged)
     await env.handle(msg)
@@ -305,7 +341,9 @@ async def test_store_error_subclass_is_unavailable_not_internal() -> None:
 
 
 class DecideRaises(Authorizer):
-    def decide(self, request: Request, answer: StoreAnswer | None) -> Decision:
+    def decide(
+        self, request: Request, answer: StoreAnswer | None, replay: ReplayAnswer | None = None
+    ) -> Decision:
         raise RuntimeError("bug in decide")
 
 
@@ -419,7 +457,7 @@ async def test_max_inflight_is_respected() -> None:
     assert env.service.backlog == 0
 
 
-async def test_backlog_serves_the_freshest_request_first() -> None:
+async def test_lookups_waiting_for_a_task_go_oldest_first() -> None:
     events: list[str] = []
     store = GatedStore(events)
     env = make_env(store, max_inflight=1)
@@ -431,8 +469,8 @@ async def test_backlog_serves_the_freshest_request_first() -> None:
     store.gate.set()
     await asyncio.wait_for(env.service.stop(), 10)
     order = [subject for subject, _ in env.nc.published]
-    # The first was already running; of the waiting ones, the newest goes first.
-    assert order == [msgs[0].reply, msgs[3].reply, msgs[2].reply, msgs[1].reply]
+    # In arrival order: the oldest is the closest to the server's timeout, and none starves.
+    assert order == [m.reply for m in msgs]
 
 
 async def test_backlog_overflow_sheds_the_oldest_with_an_immediate_deny() -> None:
@@ -476,10 +514,10 @@ async def test_every_message_gets_exactly_one_publish() -> None:
     unknown = ClientKey.generate()
 
     class PickyStore(MemoryStore):
-        async def get(self, key: str) -> bytes | None:
+        def get_nowait(self, key: str) -> bytes | None:
             if key == broken.public:
                 raise RuntimeError("driver bug")
-            return await super().get(key)
+            return super().get_nowait(key)
 
     store = PickyStore()
     env = make_env(store, internal_keys=(internal.public,))
@@ -554,6 +592,7 @@ async def test_stop_answers_in_flight_requests_even_when_drain_fails() -> None:
 
     class BrokenSub:
         unsubscribed = False
+        pending_msgs = 0
 
         async def drain(self) -> None:
             raise ConnectionError("connection closed")
@@ -572,3 +611,136 @@ async def test_stop_answers_in_flight_requests_even_when_drain_fails() -> None:
     await asyncio.wait_for(stopping, 10)
     assert sub.unsubscribed and not env.service.subscribed
     assert sorted(subject for subject, _ in env.nc.published) == sorted(m.reply for m in msgs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the synchronous path: no task when no I/O is needed
+# ---------------------------------------------------------------------------------------------
+async def test_an_answer_from_memory_is_sent_inside_the_callback() -> None:
+    internal = ClientKey.generate()
+    env = make_env(internal_keys=(internal.public,))
+    known, inside, garbage = env.forge(), env.forge(client=internal), b"garbage"
+    for item in (known, inside, garbage):
+        msg = env.msg(item)
+        await env.service._on_message(msg)
+        # Published before the callback returned, and no task was started for it.
+        assert env.nc.published[-1][0] == msg.reply
+        assert env.service.inflight == 0 and not env.service._tasks
+    assert env.store.lookups == 1  # the internal key and the garbage were never looked up
+    assert env.service.stats.admitted == 2 and env.service.stats.denied == 1
+
+
+async def test_a_lookup_that_would_block_gets_a_task() -> None:
+    env = make_env()
+    env.store.delay = 0.01  # get_nowait cannot answer: only the awaited read can
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.service._on_message(msg)
+    assert env.nc.published == [] and env.service.inflight == 1
+    await asyncio.wait_for(env.service.stop(), 10)
+    assert "jwt" in env.reply_claims(env.only_reply(msg), forged)["nats"]
+
+
+async def test_callback_work_gives_the_loop_a_turn_every_slice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = make_env()
+
+    class Waiting:  # the subscription's queue: messages wait behind the one in the callback
+        pending_msgs = 3
+
+    env.service._sub = Waiting()  # type: ignore[assignment]
+
+    async def run(slice_s: float) -> list[int]:
+        """How many loop callbacks had run after each of four messages."""
+        monkeypatch.setattr("callout.service.SLICE", slice_s)
+        env.service._slice_began = None
+        loop = asyncio.get_running_loop()
+        turns: list[int] = []
+        progress = []
+        # Callbacks as nats-py runs them: one after another, never yielding in between.
+        for i in range(4):
+            loop.call_soon(turns.append, i)  # runs only when the loop gets a turn
+            await env.service._on_message(env.msg(env.forge()))
+            progress.append(len(turns))
+        await asyncio.sleep(0)
+        assert turns == [0, 1, 2, 3]
+        return progress
+
+    # A long slice: four answers in a row, the loop's own callbacks waiting meanwhile.
+    assert await run(3600.0) == [0, 0, 0, 0]
+    # A slice already over after one message: a turn after every second one (a run of work
+    # starts with a message and is checked after the next).
+    assert await run(0.0) == [0, 2, 2, 4]
+    # Nothing waiting: no turn asked for (the subscription's task waits for the next message,
+    # which is the loop's turn anyway).
+    Waiting.pending_msgs = 0
+    assert await run(0.0) == [0, 0, 0, 0]
+    assert len(env.nc.published) == 12 and env.service.stats.admitted == 12
+
+
+async def test_a_backlog_in_the_subscription_queue_sheds_the_oldest() -> None:
+    env = make_env()
+
+    class QueuedSub:
+        pending_msgs = 5  # messages behind the one in the callback
+
+    env.service._sub = QueuedSub()  # type: ignore[assignment]
+    env.service.max_backlog = 5
+    msg = env.msg(env.forge())
+    await env.service._on_message(msg)
+    # The one in the callback is the oldest: denied at once (the empty body), no lookup.
+    assert env.nc.published == [(msg.reply, b"")]
+    assert env.store.lookups == 0 and env.service.stats.shed == 1
+    QueuedSub.pending_msgs = 4
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.service._on_message(msg)
+    assert "jwt" in env.reply_claims(env.nc.published[-1][1], forged)["nats"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "logged"),
+    [("all", ["admit", "deny"]), ("deny", ["deny"]), ("none", [])],
+)
+async def test_log_decisions_picks_the_lines_but_not_the_observers(
+    choice: str, logged: list[str]
+) -> None:
+    env = make_env()
+    env.service.log_decisions = choice  # type: ignore[assignment]
+    seen: list[str] = []
+    env.service.observers.append(lambda decision, latency: seen.append(decision.reason))
+    with captured_logs() as logs:
+        await env.service._on_message(env.msg(env.forge()))
+        await env.service._on_message(env.msg(b"garbage"))
+    assert [fields["decision"] for _, fields in logs.named("decision")] == logged
+    assert seen == [d.ADMIT, d.MALFORMED]
+
+
+async def test_a_line_the_log_cannot_write_does_not_cost_the_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = make_env()
+
+    def broken(event: str, fields: dict[str, object]) -> None:
+        raise ValueError("cannot write this line")
+
+    monkeypatch.setattr(log, "info_fields", broken)
+    forged = env.forge()
+    msg = env.msg(forged)
+    await env.handle(msg)
+    # The line is logged first (before the reply's flush), yet its failure is the line's alone.
+    assert "jwt" in env.reply_claims(env.only_reply(msg), forged)["nats"]
+    assert env.service.stats.admitted == 1
+
+
+def test_a_value_orjson_cannot_write_is_still_logged() -> None:
+    line = log._render_json(1.0, logging.INFO, "decision", {"cid": 2**70, "host": "h"})
+    assert orjson.loads(line.replace(str(2**70), "0")) == {
+        "ts": 1.0,
+        "level": "info",
+        "event": "decision",
+        "cid": 0,
+        "host": "h",
+    }
+    assert str(2**70) in line
