@@ -271,9 +271,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                 callbacks=callbacks,
             )
 
-        watched = WatchedStore(
-            store_nc, args.users_bucket, connect=watch_connection, direct=direct
-        )
+        watched = WatchedStore(store_nc, args.users_bucket, connect=watch_connection, direct=direct)
         listeners.append(watched)
         if revoker is not None:
             watched.listeners.append(revoker.record_changed)

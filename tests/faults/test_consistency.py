@@ -235,7 +235,11 @@ async def test_jetstream_switched_off(
     # A reload re-authorizes clients mid-connect (see test_store.py): denies, and answered.
     # Under the storm a lookup the lost store cannot answer in time is store_timeout: a deny too.
     assert set(tally.reasons("revoked")) <= {
-        "revoked", "store_unavailable", "store_timeout", "no_nkey", "replay"
+        "revoked",
+        "store_unavailable",
+        "store_timeout",
+        "no_nkey",
+        "replay",
     }
 
 
