@@ -69,7 +69,7 @@ READY_TIMEOUT = 30.0
 WARMUP = 200
 QUIET_PCT = 10.0  # background CPU (% of the machine) above which a phase is flagged
 
-# Targets from issue 4 (ratios to LIMIT measured in the same run).
+# The service's targets: ratios to LIMIT measured in the same run, CPU per authorization, the storm.
 TARGET_RATE_C50 = 0.40
 TARGET_P50_C1 = 2.3
 TARGET_SERVICE_MS = {"plain": 0.20, "xkey": 0.25}
@@ -489,7 +489,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             check(
                 name, "storm p99 s", round(v, 3), f"< {TARGET_STORM_P99_S}", v < TARGET_STORM_P99_S
             )
-        # Issue 10: beat the naive callout (bench/naive.py) of the same run on every figure.
+        # The simple thing to beat: the naive callout (bench/naive.py) of the same run, every figure.
         for kind, key, what, higher in NAIVE_FIGURES:
             ours, naive = find(name, kind), find("naive", kind)
             if ours is None or naive is None or ours[key] is None or naive[key] is None:
