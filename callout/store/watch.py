@@ -1,11 +1,13 @@
 """A users-bucket cache kept current by a watch, so a lookup costs no round trip.
 
 The contract (README, "The users cache"): the copy answers a lookup only while it is
-*confirmed*; otherwise the lookup goes to the bucket directly (`KVStore`, within the caller's
-deadline, failing closed), never to what the copy remembers.
+*confirmed* for that lookup; otherwise the lookup goes to the bucket directly (`KVStore`,
+within the caller's deadline, failing closed), never to what the copy remembers.
 
-Confirmed means: a probe sent at most `window` seconds ago (80 ms) showed the store there and
-nothing in it the copy lacks. Two kinds of probe:
+Confirmed means: a probe sent at most `window` seconds (80 ms) before the lookup was asked
+showed the store there and nothing in it the copy lacks. A lookup asked when the last
+confirmation is older waits for the next one while the leader is answering probes (a
+saturated server answers later than the window; see `_confirmed_for`). Two kinds of probe:
 
 - the *leader probe*, STREAM.INFO every `probe_interval` (20 ms), answered by the stream's
   leader. Its `last_seq` is the last write the leader has acknowledged; once the watch has
@@ -165,15 +167,52 @@ class WatchedStore:
             collections.deque()
         )
         self._drain_scheduled = False
+        # Lookups waiting in `_confirmed_for`, and the event that wakes them (replaced on every
+        # new view, so each wait sees the next one).
+        self._waiting = 0
+        self._changed = asyncio.Event()
 
     # -- Store --------------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
+        asked = time.monotonic()
         view = self._view
-        if time.monotonic() < view.until and not self._main_down:
+        if asked < view.until and not self._main_down:
             return _answer(view, key)
         if view.election and not self._main_down:
             return await self._through_election(key, view)
+        if await self._confirmed_for(asked):
+            return _answer(self._view, key)
+        view = self._view
+        if view.election and not self._main_down:
+            return await self._through_election(key, view)
         return await self._from_the_bucket(key)
+
+    async def _confirmed_for(self, asked: float) -> bool:
+        """Wait for a confirmation that covers a lookup asked at `asked`: one from a probe sent
+        at most `window` before it, the bound an answer given at once has too.
+
+        A saturated server (a connect storm on a small box) answers probes later than the
+        window, so the copy is never confirmed *now*; each late answer still proves the copy
+        held every write acknowledged before its probe was sent. Sending the waiting lookups to
+        the bucket instead would queue one JetStream request per lookup behind the probes on
+        the same saturated server. The wait lasts while the leader answers probes within the
+        probe timeout; when it falls silent for longer (stalled, gone) or an election begins,
+        the lookup goes to the bucket or a replica as any other."""
+        while self.state == "live" and not self._main_down and not self._view.election:
+            if self._view.until >= asked:  # until = the confirming probe's send time + window
+                return True
+            monitor = self._monitor
+            if monitor is None or time.monotonic() - monitor.leader_answered > self._probe_timeout:
+                return False
+            changed = self._changed
+            self._waiting += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._window):
+                        await changed.wait()
+            finally:
+                self._waiting -= 1
+        return False
 
     async def _from_the_bucket(self, key: str) -> bytes | None:
         """A direct read (from the stream's leader), unless the copy becomes answerable first:
@@ -263,6 +302,12 @@ class WatchedStore:
     # -- called from the watch thread ---------------------------------------------------------
     def _publish(self, view: _View) -> None:
         self._view = view
+        if self._waiting:
+            self._on_main(self._view_changed)
+
+    def _view_changed(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _on_main(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._main_loop

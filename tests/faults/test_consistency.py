@@ -231,6 +231,19 @@ async def test_jetstream_switched_off(
             return time.monotonic()  # the reload's log line was seen (polled every 20 ms)
 
         probes, moment = await measured(r, tally, switch_off, loaded=loaded)
+        # The reload also closes clients the server is registering: it then reports "Could
+        # not register auth callout user: connection closed" for a request the service did
+        # answer. Excused only where the service's log has its decision for that connection.
+        decided = {(str(d.get("server")), d.get("cid")) for d in r.svc.events("decision")}
+        tally.excuse(
+            [
+                o
+                for o in tally.unanswered
+                if o.reason == "server: Could not register auth callout user: connection closed"
+                and o.conn in decided
+            ],
+            "answered; the reload closed the client while the server registered it",
+        )
     check_contract(probes, tally, moment, loaded, r)
     # A reload re-authorizes clients mid-connect (see test_store.py): denies, and answered.
     # Under the storm a lookup the lost store cannot answer in time is store_timeout: a deny too.

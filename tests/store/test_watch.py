@@ -317,6 +317,55 @@ async def test_a_silent_jetstream_stops_the_copy_within_the_window(
         await nc.close()
 
 
+async def test_probes_answered_late_still_answer_lookups_from_the_copy(
+    nats_server: Any, keys: Keys
+) -> None:
+    """A saturated server answers every probe after its window: a lookup waits for the
+    confirmation that covers it instead of going to the bucket, sees every write acknowledged
+    before it was asked, and goes to the bucket once the leader stops answering at all."""
+    server = nats_server()
+    nc = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    _, bob = new_user()
+    await kv.put(alice, record("alice"))
+    store, direct = await watched(nc, keys)
+    try:
+        await asyncio.wait_for(store.live_event.wait(), 5)
+        monitor = store._monitor
+        assert monitor is not None
+        real_request = monitor.request
+
+        async def late(*args: Any) -> Any:
+            answer = await real_request(*args)
+            await asyncio.sleep(0.15)  # the answer reaches us 150 ms later: after its window
+            return answer
+
+        monitor.request = late  # type: ignore[method-assign]
+        await until(lambda: not store.live, timeout=5)
+        with pytest.raises(WouldBlock):
+            store.get_nowait(alice)
+        await kv.put(bob, record("bob"))
+        await kv.delete(alice)  # acknowledged before the lookups are asked
+        assert await store.get(bob) == record("bob")
+        assert await store.get(alice) == TOMBSTONE
+        assert direct.calls == 0 and store.state == "live"
+
+        async def silent(*_: Any) -> None:
+            return None
+
+        monitor.request = silent  # type: ignore[method-assign]
+        # The late answers already on their way still confirm; then the leader is silent.
+        await until(lambda: time.monotonic() - monitor.leader_answered > 0.2, timeout=5)
+        answered = monitor.leader_answered
+        assert await store.get(bob) == record("bob") and direct.calls == 1
+        # It waited for the leader's silence to outlast a probe's timeout (0.5 s), no longer.
+        assert time.monotonic() - answered > 0.5
+    finally:
+        await store.stop()
+        await nc.close()
+
+
 def spin(seconds: float, each: Callable[[], None]) -> None:
     """Hold the event loop (and the GIL, between switches) like a connect storm does."""
     end = time.monotonic() + seconds
