@@ -51,6 +51,7 @@ from callout.decision import (
     OVERLOADED,
     STORE_TIMEOUT,
     STORE_UNAVAILABLE,
+    Answer,
     Authorizer,
     Decision,
     Policy,
@@ -320,21 +321,21 @@ def answer(users: Users, key: str) -> StoreAnswer:
     return store_answer(users.get(key))
 
 
-def decide(
+def feed(
     authorizer: Authorizer,
     payload: bytes,
     headers: Mapping[str, str] | None,
     now: float,
     lookup: Lookup,
     valid_at: float | None = None,
-) -> Decision:
-    """What the service does with a request (`CalloutService._handle`), the store lookup being
-    `lookup`: gates 1 and 2, then gate 3 with the store's answer (none for internal keys).
-    `now` is the policy's clock, `valid_at` the request's (`Authorizer.open`)."""
-    opened = authorizer.open(payload, headers, now, valid_at=valid_at)
-    if isinstance(opened, Decision):
-        return opened
-    return authorizer.decide(opened, None if opened.internal else lookup(opened.client_key))
+) -> Answer:
+    """What the service does with a request (`callout.service`), driven the same way
+    (`Authorizer.start`, then `resume` with the store's answer), the store lookup being
+    `lookup`. `now` is the policy's clock, `valid_at` the request's (`Authorizer.open`)."""
+    started = authorizer.start(payload, headers, now, valid_at=valid_at)
+    if isinstance(started, Answer):
+        return started
+    return authorizer.resume(started, lookup(started.request.client_key), None, now)
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,8 @@ class Outcome:
     entry: Entry
     new: Verdict | None = None  # None when skipped
     decision: Decision | None = None
+    # The response the core answered with (None: none sent, or skipped).
+    body: bytes | None = None
     skipped: str | None = None
 
     @property
@@ -422,8 +425,8 @@ class Replayer:
                 self._shift = self.clock() - entry.received_at
             now = entry.received_at + self._shift
         lookup = self._lookup(entry, users)
-        decision = decide(authorizer, payload, entry.headers, now, lookup, entry.received_at)
-        return Outcome(entry, Verdict.of(decision), decision)
+        answer = feed(authorizer, payload, entry.headers, now, lookup, entry.received_at)
+        return Outcome(entry, Verdict.of(answer.decision), answer.decision, answer.body)
 
     def _lookup(self, entry: Entry, users: Users) -> Lookup:
         recorded = entry.recorded.reason if entry.recorded is not None else ""
@@ -476,7 +479,7 @@ __all__ = [
     "Users",
     "Verdict",
     "answer",
-    "decide",
+    "feed",
     "read",
     "read_case",
     "read_recording",

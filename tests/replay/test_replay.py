@@ -27,7 +27,7 @@ import orjson
 import pytest
 
 from callout import cli, replay
-from callout.decision import Authorizer, Decision, Policy, StoreAnswer
+from callout.decision import Authorizer, Decision, Pending, Policy, StoreAnswer
 from callout.keys import CurveKey, SigningKey
 from tests.harness import decode_curve_public, decode_curve_seed, new_curve
 from tests.service import write_seed
@@ -155,9 +155,9 @@ def store_answer(case: Case, client_key: str) -> StoreAnswer:
 
 
 def run(authorizer: Authorizer, case: Case, now: float) -> Decision:
-    return replay.decide(
+    return replay.feed(
         authorizer, case.payload, case.headers, now, lambda key: store_answer(case, key)
-    )
+    ).decision
 
 
 def response_claims(case: Case, body: bytes) -> dict[str, Any]:
@@ -440,10 +440,13 @@ def test_the_request_clock_and_the_policy_clock_are_apart() -> None:
     case = case_named("plain_unknown")
     later = case.received_at + 86400
     authorizer = Authorizer(policy(encrypted=False))
-    opened = authorizer.open(case.payload, None, later, valid_at=case.received_at)
-    assert not isinstance(opened, Decision), opened
+    started = authorizer.start(case.payload, None, later, valid_at=case.received_at)
+    assert isinstance(started, Pending), started
+    opened = started.request
     assert opened.opened_at == later
-    decision = authorizer.decide(opened, replay.answer({}, opened.client_key))
+    decision = authorizer.resume(
+        started, replay.answer({}, opened.client_key), None, later
+    ).decision
     assert decision.reason == "unknown_user"
     # The failure was counted at the policy's clock, not at the request's.
     assert authorizer.failures_by_key._buckets[opened.client_key][1] == later
