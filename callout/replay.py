@@ -1,17 +1,15 @@
 """Replay recorded requests through the decision core and compare the decisions.
 
-Two sources are read, with the same code:
-
-- recordings written by `callout serve --record-dir` (`callout.recording`): `*.jsonl`, one
-  request per line, after a first line holding the policy the service decided under
-  (`callout.recorded_policy`). Requests recorded under one policy go through ONE shared
-  `Authorizer`, in the order they arrived, so what depends on earlier requests (a replayed
-  request, a throttled key or host) is decided as it was;
-- recorded test cases (`tests/replay/cases/*.json`, from `tests/replay/record.py`): one request
-  each, with its own users map and expectation, each through a fresh `Authorizer`.
+The input is recordings written by `callout serve --record-dir` (`callout.recording`):
+`*.jsonl`, one request per line, after a first line holding the policy the service decided
+under (`callout.recorded_policy`). Requests recorded under one policy go through ONE shared
+`Authorizer`, in the order they arrived, so what depends on earlier requests (a replayed
+request, a throttled key or host) is decided as it was. Each request drives the core as the
+service does: `Authorizer.start`, then `resume` with the store's answer.
 
 The policy: a recording's own, with `overrides` (Policy field -> value) applied over it; for
-requests that carry none (test cases, recordings of format 1) the policy given. Replaying a
+requests that carry none (a file without a policy line, recordings of format 1) the policy
+given. Replaying a
 recording needs no secret: the recorded policy holds public keys only, read back as stand-ins,
 and an encrypted request is fed as the server signed it, sealed again to the stand-in of the
 xkey that opened it (`recorded_policy`), unless real xkeys are given as an override: then
@@ -22,7 +20,7 @@ always: it was sent then. The policy's clock (the failure limits, and whatever e
 policy depends on time) is the recorded arrival too (`at="recorded"`), or runs from the
 present (`at="now"`), keeping the recording's spacing: the first request is decided now, each
 next one as many seconds later as it arrived. Store lookups are answered from a users map (a
-`--users` file, the bucket, or the case's own); a store failure that was recorded
+`--users` file, or the bucket); a store failure that was recorded
 (`store_unavailable`, `store_timeout`) is answered the same way again, since it was the
 environment, not the policy. A request shed under overload never reached the core and one
 recorded without its payload cannot be fed again: both are skipped, never counted as changes.
@@ -114,14 +112,12 @@ class Verdict:
 @dataclass(frozen=True)
 class Entry:
     source: str  # file:line, for the report
-    kind: Literal["recording", "case"]
     received_at: float
     client: str
     payload: bytes | None  # None: not recorded (redacted), or the line is unreadable
     headers: dict[str, str] | None
     recorded: Verdict | None
     detail: str = ""  # the recorded decision's detail (a store failure is replayed with it)
-    users: Users | None = None  # a case's own store
     skip: str | None = None  # why it cannot be fed to the core
     policy: RecordedPolicy | None = None  # the recording's own; None: given by flags
     # Set when `payload` is an encrypted request as the server signed it (the box opened):
@@ -159,7 +155,7 @@ READ_VERSIONS = (1, recording.FORMAT_VERSION)
 
 
 def _unreadable(source: str, previous: float, why: str) -> Entry:
-    return Entry(source, "recording", previous, "", None, None, None,
+    return Entry(source, previous, "", None, None, None,
                  skip=f"unreadable line ({why})")  # fmt: skip
 
 
@@ -169,7 +165,7 @@ def _recording_line(doc: Any, source: str, previous: float, policy: RecordedPoli
             raise ValueError("not an object")
         version = doc.get("v")
         if version not in READ_VERSIONS:
-            return Entry(source, "recording", previous, "", None, None, None,
+            return Entry(source, previous, "", None, None, None,
                          skip=f"format version {version!r} unknown")  # fmt: skip
         received = doc["received_at"]
         if not isinstance(received, int | float) or not math.isfinite(received):
@@ -196,7 +192,7 @@ def _recording_line(doc: Any, source: str, previous: float, policy: RecordedPoli
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         return _unreadable(source, previous, type(exc).__name__)
     return Entry(
-        source, "recording", float(received), client, payload, headers, verdict,
+        source, float(received), client, payload, headers, verdict,
         str(detail), skip=skip, policy=policy if version != 1 else None,
         opened_with=opened_with if version != 1 else None,
     )  # fmt: skip
@@ -236,56 +232,21 @@ def read_recording(
             yield entry
 
 
-def read_case(path: Path) -> Entry:
-    """One recorded test case: payload_b64, headers, received_at, users, expect."""
-    try:
-        doc = orjson.loads(path.read_bytes())
-        users_doc = doc["users"]
-        if not isinstance(users_doc, dict):
-            raise ValueError("users is not an object")
-        users: dict[str, bytes | None] = {
-            str(key): None if value is None else orjson.dumps(value)
-            for key, value in users_doc.items()
-        }
-        nkey = _case_client(doc)
-        return Entry(
-            source=str(path),
-            kind="case",
-            received_at=float(doc["received_at"]),
-            client=nkey,
-            payload=base64.b64decode(doc["payload_b64"], validate=True),
-            headers=_headers(doc.get("headers")),
-            recorded=_verdict(doc["expect"]),
-            users=users,
-        )
-    except (OSError, orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ReplayError(f"{path}: not a recorded case ({type(exc).__name__}: {exc})") from None
-
-
-def _case_client(doc: dict[str, Any]) -> str:
-    # Cases do not name the client's key; the one key of their users map is it, when there is one.
-    users = doc.get("users") or {}
-    return next(iter(users)) if len(users) == 1 else ""
-
-
 def read(paths: Sequence[Path]) -> list[Entry]:
-    """Every request under `paths` (directories or files), in arrival order. Recordings are
-    `*.jsonl` files, cases `*.json` files; other files in a directory are ignored."""
+    """Every request under `paths` (directories or files), in arrival order. In a directory,
+    recordings are its `*.jsonl` files; other files are ignored."""
     entries: list[Entry] = []
     policies: dict[bytes, RecordedPolicy] = {}
     for path in paths:
         if path.is_dir():
-            files = sorted(path.glob(f"*{recording.FILE_SUFFIX}")) + sorted(path.glob("*.json"))
+            files = sorted(path.glob(f"*{recording.FILE_SUFFIX}"))
         elif path.is_file():
             files = [path]
         else:
             raise ReplayError(f"{path}: no such file or directory")
         for file in files:
             try:
-                if file.suffix == ".json":
-                    entries.append(read_case(file))
-                else:
-                    entries.extend(read_recording(file, policies))
+                entries.extend(read_recording(file, policies))
             except OSError as exc:
                 raise ReplayError(f"{file}: {exc.strerror or exc}") from None
     # Lines are written as requests finish, not as they arrive; files may come from replicas.
@@ -356,12 +317,12 @@ class Outcome:
 @dataclass
 class Replayer:
     """Feeds entries to the core. Recorded requests share one Authorizer per policy (fed in
-    arrival order); each case gets a fresh one."""
+    arrival order)."""
 
-    # For entries that carry no policy of their own (cases, format-1 recordings); None: such
-    # an entry is an error.
+    # For entries that carry no policy of their own (format-1 recordings, files without a
+    # policy line); None: such an entry is an error.
     policy: Policy | None = None
-    users: Users | None = None  # None: each entry must carry its own (cases)
+    users: Users = field(default_factory=dict)
     at: At = "recorded"
     # False: `users` holds only the keys read for this replay (a bucket); a lookup of any
     # other key is an error, never "no record". True: a key not in `users` has no record.
@@ -381,7 +342,7 @@ class Replayer:
         if recorded is None:
             if self.policy is None or self.authorizer is None:
                 raise ReplayError(f"{entry.source}: recorded without its policy: give the flags")
-            return self.authorizer if entry.kind == "recording" else Authorizer(self.policy)
+            return self.authorizer
         authorizer = self._recorded.get(recorded.key)
         if authorizer is None:
             policy = dataclasses.replace(recorded.policy, **self.overrides)
@@ -412,9 +373,6 @@ class Replayer:
     def run(self, entry: Entry) -> Outcome:
         if entry.skip is not None or entry.payload is None:
             return Outcome(entry, skipped=entry.skip or "no payload")
-        users = self.users if self.users is not None else entry.users
-        if users is None:
-            raise ReplayError(f"{entry.source}: no users to answer lookups (give --users)")
         authorizer = self._authorizer(entry)
         payload = self._payload(entry)
         assert payload is not None
@@ -424,7 +382,7 @@ class Replayer:
             if self._shift is None:
                 self._shift = self.clock() - entry.received_at
             now = entry.received_at + self._shift
-        lookup = self._lookup(entry, users)
+        lookup = self._lookup(entry, self.users)
         answer = feed(authorizer, payload, entry.headers, now, lookup, entry.received_at)
         return Outcome(entry, Verdict.of(answer.decision), answer.decision, answer.body)
 
@@ -481,7 +439,6 @@ __all__ = [
     "answer",
     "feed",
     "read",
-    "read_case",
     "read_recording",
     "read_users",
 ]

@@ -1,8 +1,9 @@
-"""`callout replay PATH...`: feed recorded requests (`callout serve --record-dir`, or recorded
-test cases) through the decision core again, with a users file or bucket, and print the
+"""`callout replay PATH...`: feed recorded requests (`callout serve --record-dir`) through the
+decision core again, with a users file or bucket, and print the
 recorded and the new decision of each. A recording carries the policy it was decided under;
 each of `serve`'s policy flags given here overrides its part of it. Requests recorded without a
-policy (test cases, recordings of format 1) take the whole policy from the flags.
+policy (a file without a policy line, recordings of format 1) take the whole policy from the
+flags.
 
 Exit status: 0 when no decision changed, 1 when any did (usable in CI), 2 when the input or
 the flags cannot be used. Requests recorded without their payload are listed as skipped.
@@ -202,9 +203,9 @@ def _flags_policy(args: argparse.Namespace, needed_by: str) -> Policy:
     were recorded without one."""
     if args.account is None:
         fail(
-            f"{needed_by} was recorded without its policy (a test case, or a recording of"
-            " format 1): give the policy flags, at least --account (and --xkey-seed-file for"
-            " encrypted requests)"
+            f"{needed_by} was recorded without its policy (a file without a policy line, or a"
+            " recording of format 1): give the policy flags, at least --account (and"
+            " --xkey-seed-file for encrypted requests)"
         )
     filled = argparse.Namespace(**vars(args))
     for name, value in POLICY_DEFAULTS.items():
@@ -248,12 +249,12 @@ async def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     overrides = policy_overrides(args) if recorded else {}
     for each in recorded.values():
         _merged(each.policy, overrides, bool(args.operator))
-    users: dict[str, bytes | None] | None = None
+    users: dict[str, bytes | None] = {}
     if args.users:
         users = _users_file(args.users)
     elif args.users_bucket:
         users = await _bucket_users(args, {entry.client for entry in entries if entry.client})
-    elif any(entry.kind == "recording" for entry in entries):
+    else:
         fail("recordings need --users FILE or --users-bucket NAME to answer lookups")
     replayer = replay.Replayer(
         policy,
@@ -287,7 +288,7 @@ def register(sub: Any) -> None:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="--record-dir directories, recording files (*.jsonl) or recorded cases (*.json)",
+        help="--record-dir directories or recording files (*.jsonl)",
     )
     p.add_argument(
         "--users",

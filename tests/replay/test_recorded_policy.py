@@ -121,11 +121,10 @@ def write_recording(path: Path, names: tuple[str, ...], *, with_policy: bool = T
     """A recording file as `serve --record-dir` writes it, the cases decided as recorded."""
     encrypted = names[0].startswith("encrypted_")
     service_policy = policy(encrypted=encrypted)
-    replayer = replay.Replayer(service_policy)
     lines = [header_line(service_policy)] if with_policy else []
     for name in names:
         case = case_named(name)
-        outcome = replayer.run(case.entry)
+        outcome = replay.Replayer(service_policy, case.store).run(case.entry)
         assert outcome.decision is not None
         xkeys = XKEYS if encrypted else ()
         doc = record_document(case.payload, case.headers, case.received_at, outcome.decision, xkeys)
@@ -201,7 +200,7 @@ def test_an_encrypted_request_is_still_judged_as_encrypted(
     # A plaintext request to a service that had an xkey: still xkey_required.
     service = policy(encrypted=True)
     plain = case_named("plain_known_natspy")
-    decision = replay.Replayer(service).run(plain.entry).decision
+    decision = replay.Replayer(service, plain.store).run(plain.entry).decision
     assert decision is not None and decision.reason == "xkey_required"
     header = header_line(service)
     doc = record_document(plain.payload, None, plain.received_at, decision, XKEYS)
@@ -218,7 +217,7 @@ def test_files_recorded_under_different_policies_each_keep_their_own(
     write_recording(tmp_path / "rec" / "requests-1.jsonl", PLAIN)
     soft = dataclasses.replace(policy(encrypted=False), mode="soft")
     unknown = case_named("plain_unknown")
-    decision = replay.Replayer(soft).run(unknown.entry).decision
+    decision = replay.Replayer(soft, unknown.store).run(unknown.entry).decision
     assert decision is not None and decision.reason == "would_deny"
     # The same request, recorded by a soft-mode replica (a second server id is not needed:
     # each policy gets its own core, so it is not a replay of the first file's request).

@@ -40,7 +40,7 @@ NAME = re.compile(r"requests-\d{8}T\d{6}\.\d{6}Z-p\d+-\d{6}\.jsonl")
 
 def recorded(case: Case, *, xkeys: tuple[CurveKey, ...] | None = None) -> dict[str, Any]:
     """The line `serve --record-dir` writes for this case, decided as the service would."""
-    replayer = replay.Replayer(policy(encrypted=case.encrypted))
+    replayer = replay.Replayer(policy(encrypted=case.encrypted), case.store)
     outcome = replayer.run(case.entry)
     assert outcome.decision is not None
     keys = (XKEYS if case.encrypted else ()) if xkeys is None else xkeys
@@ -184,9 +184,8 @@ async def test_files_are_private_and_rotate_by_size(tmp_path: Path) -> None:
     docs = [recorded(case) for case in cases]
     max_bytes = 2 * max(len(doc["_line"]) for doc in docs) + 10
     recorder = Recorder(directory, max_bytes=max_bytes)
-    replayer = replay.Replayer(policy(encrypted=False))
     for case in cases:
-        outcome = replayer.run(case.entry)
+        outcome = replay.Replayer(policy(encrypted=False), case.store).run(case.entry)
         assert outcome.decision is not None
         recorder.record(case.payload, case.headers, case.received_at, outcome.decision)
         await asyncio.sleep(0)
@@ -412,7 +411,7 @@ async def test_a_broken_recorder_never_touches_the_decision() -> None:
 async def test_unreadable_lines_are_skipped_not_fatal(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path / "rec")
     case = case_named("plain_unknown")
-    outcome = replay.Replayer(policy(encrypted=False)).run(case.entry)
+    outcome = replay.Replayer(policy(encrypted=False), case.store).run(case.entry)
     assert outcome.decision is not None
     recorder.record(case.payload, None, case.received_at, outcome.decision)
     await recorder.close()
@@ -453,4 +452,5 @@ def test_every_request_in_a_case_directory_is_read_in_arrival_order() -> None:
     assert len(entries) == 24
     times = [e.received_at for e in entries]
     assert times == sorted(times)
-    assert all(e.kind == "case" and e.skip is None for e in entries)
+    # Recordings of one request each, without a policy line (keys.json's is given as flags).
+    assert all(e.policy is None and e.skip is None and e.payload for e in entries)
