@@ -47,7 +47,7 @@ from callout.decision import (
     Unavailable,
     store_answer,
 )
-from callout.recording import Recorder
+from callout.recording.writer import Recorder
 from callout.store import Store, StoreError
 from callout.store.seen import SeenRecord
 

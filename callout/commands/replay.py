@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from callout import replay
 from callout.commands.common import (
     add_identity_flags,
     connect,
@@ -41,6 +40,7 @@ from callout.commands.serve import (
 from callout.config import add
 from callout.decision import Policy
 from callout.keys import KeyKind, SigningKey, is_public, load_curve_key, load_signing_key
+from callout.recording import reader, replay
 from callout.records import account_problem
 from callout.store import StoreError
 from callout.store import kv as kvstore
@@ -87,12 +87,12 @@ def format_summary(summary: replay.Summary, at: str, policy: str = "") -> list[s
 def _users_file(path: str) -> dict[str, bytes | None]:
     try:
         if path == "-":
-            return replay.read_users(sys.stdin.buffer, "stdin")
+            return reader.read_users(sys.stdin.buffer, "stdin")
         with open(path, "rb") as stream:
-            return replay.read_users(stream, path)
+            return reader.read_users(stream, path)
     except OSError as exc:
         fail(f"--users {path}: {exc.strerror or exc}")
-    except replay.ReplayError as exc:
+    except reader.ReplayError as exc:
         fail(f"--users {exc}")
 
 
@@ -235,8 +235,8 @@ async def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     paths = [Path(p) for p in args.paths]
     try:
-        entries = replay.read(paths)
-    except replay.ReplayError as exc:
+        entries = reader.read(paths)
+    except reader.ReplayError as exc:
         fail(str(exc))
     if not entries:
         fail(f"no recorded requests in {', '.join(args.paths)}")
@@ -274,7 +274,7 @@ async def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         out.flush()
     except BrokenPipeError:  # `| head`: the exit status still tells
         pass
-    except replay.ReplayError as exc:
+    except reader.ReplayError as exc:
         fail(str(exc))
     return 1 if summary.changed else 0
 

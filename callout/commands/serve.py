@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
-from callout import log, operations, recording
+from callout import log, operations
 from callout.commands.common import (
     Identity,
     add_identity_flags,
@@ -40,6 +40,7 @@ from callout.keys import (
     load_curve_key,
     load_signing_key,
 )
+from callout.recording import writer as recording
 from callout.records import account_problem
 from callout.revocation import Revoker
 from callout.service import LOG_DECISIONS, CalloutService

@@ -1,4 +1,4 @@
-"""A recording carries the policy it was decided under (`callout.recorded_policy`), so a replay
+"""A recording carries the policy it was decided under (`callout.recording.policy`), so a replay
 needs no flag and no secret: the policy's public part, strictly read back; stand-in keys where
 the recording has public ones; an encrypted request fed as the server signed it, sealed again
 to a stand-in, so the xkey rules see it as it arrived. Recordings without a policy (format 1)
@@ -15,10 +15,12 @@ from typing import Any
 import orjson
 import pytest
 
-from callout import cli, recorded_policy, replay
+from callout import cli
 from callout.decision import AccountSigner, Policy
 from callout.keys import SigningKey
-from callout.recording import header_line, record_document
+from callout.recording import policy as recorded_policy
+from callout.recording import reader, replay
+from callout.recording.writer import header_line, record_document
 from callout.records import Permissions, Rules
 from tests.harness import new_account
 from tests.replay.test_recording import XKEYS, assert_absent
@@ -187,8 +189,8 @@ def test_an_encrypted_request_is_still_judged_as_encrypted(
 ) -> None:
     """The stand-in xkey opens what the recorded one opened; nothing else does."""
     path = write_recording(tmp_path / "rec" / "requests-1.jsonl", ENCRYPTED)
-    entries = replay.read([path])
-    users = replay.read_users(users_of(tmp_path, ENCRYPTED).read_bytes().splitlines())
+    entries = reader.read([path])
+    users = reader.read_users(users_of(tmp_path, ENCRYPTED).read_bytes().splitlines())
     assert all(e.opened_with == XKEYS[0].public for e in entries)
     outcomes = list(replay.Replayer(users=users).run_all(entries))
     assert [o.changed for o in outcomes] == [False] * len(ENCRYPTED)

@@ -5,7 +5,7 @@ The data comes from ``tests/replay/record.py`` (run by hand; see its docstring).
 is a recording of one request (the format ``callout serve --record-dir`` writes): the
 request as the server signed it and the headers the service received, with the decision
 the issue's rules demand; ``cases.json`` beside it holds the store contents to answer with.
-The cases are read and fed to the core by ``callout.replay``, the mechanism behind
+The cases are read and fed to the core by ``callout.recording.replay``, the mechanism behind
 ``callout replay`` (so these tests are also its tests, and the CLI is run over the committed
 cases at the end). The responses are decoded
 here with an independent JWT/nkey decoder (PyNaCl + base32, not ``callout.jwt``), so a bug
@@ -28,9 +28,10 @@ import nkeys
 import orjson
 import pytest
 
-from callout import cli, replay
+from callout import cli
 from callout.decision import Authorizer, Decision, Pending, Policy, StoreAnswer
 from callout.keys import CurveKey, SigningKey
+from callout.recording import reader, replay
 from tests.harness import decode_curve_public, decode_curve_seed, new_curve
 from tests.service import write_seed
 
@@ -88,7 +89,7 @@ def server_box(headers: dict[str, str]) -> nacl.public.Box:
 class Case:
     name: str
     client: str
-    entry: replay.Entry  # the case as `callout replay` reads it
+    entry: reader.Entry  # the case as `callout replay` reads it
     encrypted: bool
     users: dict[str, dict[str, Any] | None]
     expect: dict[str, Any]
@@ -126,7 +127,7 @@ class Case:
 @cache
 def load(path: Path) -> Case:
     doc = json.loads(path.read_text())
-    [entry] = replay.read_recording(path)
+    [entry] = reader.read_recording(path)
     # The reader's view of the file must be the file (checked against a plain json.loads).
     assert entry.payload == base64.b64decode(doc["token_b64"])
     assert (entry.headers, entry.received_at) == (doc["headers"], doc["received_at"])

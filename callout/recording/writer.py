@@ -1,8 +1,8 @@
 """`callout serve --record-dir`: every request the service handled, as JSON lines on disk, for
-`callout replay` (`callout.replay`) to feed through a new version or a changed policy.
+`callout replay` (`callout.recording.replay`) to feed through a new version or a changed policy.
 
 Each file opens with the policy the service decided under, its non-secret part
-(`callout.recorded_policy`; written again at the top of every file, since a file may be read
+(`callout.recording.policy`; written again at the top of every file, since a file may be read
 alone):
 
     {"v": 2, "policy": {"account": "APP", "allowed_accounts": ["APP"], "mode": "enforce",
@@ -19,9 +19,9 @@ then one line per request:
 `headers` are exactly as received, and `token_b64` is the request as the server signed it:
 the payload itself, or for an encrypted request the box opened, with `opened_with` the
 public xkey that opened it. So the replay needs no xkey seed: it seals the token again to a
-stand-in of that key (`callout.replay`); and the token reveals nothing the decoded `request`
-does not. (Format 1 kept the payload as received, `payload_b64`: a sealed one could only be
-replayed with the seed.) A request that carries a password, a token or a JWT
+stand-in of that key (`callout.recording.replay`); and the token reveals nothing the decoded
+`request` does not. (Format 1 kept the payload as received, `payload_b64`: a sealed one could
+only be replayed with the seed.) A request that carries a password, a token or a JWT
 (`connect_opts.pass`, `auth_token`, `jwt`) holds that secret in its payload, encrypted or not,
 so its payload is not written at all (`"raw": "redacted"`, `"redaction": "credential"`), nor is
 one whose `connect_opts.nkey` is not a public key (it could be a seed); neither is one we
@@ -60,9 +60,10 @@ from typing import Any, Final
 
 import orjson
 
-from callout import log, recorded_policy, xkey
+from callout import log, xkey
 from callout.decision import MAX_REQUEST_BYTES, Decision, Policy
 from callout.keys import CurveKey, KeyKind, is_public
+from callout.recording import policy as recorded_policy
 
 FORMAT_VERSION: Final = 2
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024

@@ -12,7 +12,7 @@ Secrets are never written. Three fields hold keys, and only their public halves 
   compares decisions, it signs nothing, and no decision depends on which key would sign; they
   are read back as freshly generated stand-in keys;
 - `xkeys`: the recording keeps each request as the server signed it, after opening the box,
-  with the public xkey that opened it (`callout.recording`). On replay each recorded public
+  with the public xkey that opened it (`callout.recording.writer`). On replay each recorded public
   xkey gets a stand-in curve key and the request is sealed again, from the server's recorded
   xkey to that stand-in, so it reaches the decision core encrypted, as it arrived: the
   `xkey_required` / `xkey_unexpected` / `xkey_failed` rules see what they saw.
