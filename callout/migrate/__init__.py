@@ -25,35 +25,10 @@ unchanged.
 """
 
 from callout.migrate.apply import apply
-from callout.migrate.plan import (
-    ADDED,
-    CONFLICTING,
-    FAILED,
-    IN_FLIGHT,
-    INVALID,
-    OVERWRITTEN,
-    SCAN_RATIO,
-    UNCHANGED,
-    Bucket,
-    plan,
-)
-from callout.migrate.report import COUNTS, REPORT_LIMIT, Report
-from callout.migrate.rows import (
-    FIELDS,
-    LIST_COLUMNS,
-    Invalid,
-    Item,
-    NotUtf8,
-    Where,
-    canonical,
-    columns_record,
-    export_line,
-    record_value,
-    user_key,
-    where,
-)
+from callout.migrate.plan import IN_FLIGHT, Bucket, plan
+from callout.migrate.report import COUNTS, Report
+from callout.migrate.rows import FIELDS, Invalid, Item, export_line
 from callout.migrate.sources import (
-    CSV_COLUMNS,
     Collected,
     SourceError,
     SqliteSource,
@@ -63,37 +38,20 @@ from callout.migrate.sources import (
 )
 
 __all__ = [
-    "ADDED",
-    "CONFLICTING",
     "COUNTS",
-    "CSV_COLUMNS",
-    "FAILED",
     "FIELDS",
-    "INVALID",
     "IN_FLIGHT",
-    "LIST_COLUMNS",
-    "OVERWRITTEN",
-    "REPORT_LIMIT",
-    "SCAN_RATIO",
-    "UNCHANGED",
     "Bucket",
     "Collected",
     "Invalid",
     "Item",
-    "NotUtf8",
     "Report",
     "SourceError",
     "SqliteSource",
-    "Where",
     "apply",
-    "canonical",
     "collect",
-    "columns_record",
     "export_line",
     "plan",
     "read_csv",
     "read_jsonl",
-    "record_value",
-    "user_key",
-    "where",
 ]

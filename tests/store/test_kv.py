@@ -156,35 +156,29 @@ def lose_create_answers(monkeypatch: pytest.MonkeyPatch, *, create: bool) -> lis
     return calls
 
 
+@pytest.mark.parametrize("kind", [kvstore.USERS, SEEN], ids=["users", "replay"])
 async def test_a_create_whose_answer_was_lost_finds_the_bucket_made(
-    nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+    kind: kvstore.BucketKind, nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     nc = await nats_connect(nats_server().url, keys.service_seed)
     calls = lose_create_answers(monkeypatch, create=True)
+    bucket = "users" if kind is kvstore.USERS else "replay"
     try:
-        await kvstore.ensure_bucket(nc, "users", None)
-        assert calls == ["KV_users"]
-        info = await kvstore.bucket_info(nc, "users")
-        assert info is not None and info.config.max_msgs_per_subject == kvstore.HISTORY
-    finally:
-        await nc.close()
-
-
-async def test_the_replay_bucket_create_whose_answer_was_lost_finds_it_made(
-    nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    nc = await nats_connect(nats_server().url, keys.service_seed)
-    calls = lose_create_answers(monkeypatch, create=True)
-    try:
-        await SeenRecord(nc, "replay").ensure(None)
-        assert calls == ["KV_replay"]
-        info = await kvstore.bucket_info(nc, "replay", SEEN)
-        assert info is not None and info.config.max_msgs_per_subject == 1
-        assert info.config.max_age == 120.0
-        # And it records: the first sight of a request is new, the second is not.
-        record = SeenRecord(nc, "replay")
-        assert await record.first_sight("NSERVER", "UKEY", "nonce")
-        assert not await record.first_sight("NSERVER", "UKEY", "other")
+        if kind is kvstore.USERS:
+            await kvstore.ensure_bucket(nc, bucket, None)
+        else:
+            await SeenRecord(nc, bucket).ensure(None)
+        assert calls == [f"KV_{bucket}"]
+        info = await kvstore.bucket_info(nc, bucket, kind)
+        assert info is not None
+        if kind is kvstore.USERS:
+            assert info.config.max_msgs_per_subject == kvstore.HISTORY
+        else:
+            assert (info.config.max_msgs_per_subject, info.config.max_age) == (1, 120.0)
+            # And it records: the first sight of a request is new, the second is not.
+            record = SeenRecord(nc, bucket)
+            assert await record.first_sight("NSERVER", "UKEY", "nonce")
+            assert not await record.first_sight("NSERVER", "UKEY", "other")
     finally:
         await nc.close()
 
