@@ -390,42 +390,49 @@ async def update(nc: Client, bucket: str, key: str, value: bytes, revision: int)
 # ---------------------------------------------------------------------------------------------
 # the scan
 # ---------------------------------------------------------------------------------------------
-async def scan(
-    nc: Client, bucket: str, keep: Callable[[str], bool] | None = None, stall: float = 5.0
-) -> dict[str, tuple[bytes, int]]:
-    """(value, revision) of every live key of the bucket (those `keep` accepts), in one pass of
-    an ordered consumer rather than a request per key. Empty when the bucket does not exist; a
-    StoreError when nothing arrives for `stall` seconds before the end."""
+#: What a scan hands over per key: its last message's stream sequence, the key, the message's
+#: headers (a delete marker has `is_delete` ones) and its data.
+Deliver = Callable[[int, str, Mapping[str, str] | None, bytes], None]
+
+
+async def scan_messages(
+    nc: Client,
+    bucket: str,
+    deliver: Deliver,
+    *,
+    until: int | None = None,
+    stall: float = 5.0,
+) -> bool:
+    """The last message of every key of the bucket, delete markers included, to `deliver` in
+    stream order, in one pass of an ordered consumer rather than a request per key. It ends
+    once the messages reached stream sequence `until` (default: the stream's last as it is
+    when the scan starts; 0: the bucket is empty); a message written meanwhile may come too.
+    False when the bucket does not exist; a StoreError when nothing arrives for `stall`
+    seconds before the end."""
     prefix = f"$KV.{bucket}."
-    found: dict[str, tuple[bytes, int]] = {}
+    stream = stream_name(bucket)
     loaded = asyncio.Event()
     progress = asyncio.Event()
     highest = 0
 
     async def on_message(msg: Msg) -> None:
         nonlocal highest
-        key = msg.subject[len(prefix) :]
-        headers = msg.headers or {}
         meta = msg.metadata
-        if is_delete(headers):
-            found.pop(key, None)
-        elif keep is None or keep(key):
-            found[key] = (msg.data, meta.sequence.stream)
+        deliver(meta.sequence.stream, msg.subject[len(prefix) :], msg.headers, msg.data)
         highest = max(highest, meta.sequence.stream)
         progress.set()
         if meta.num_pending == 0:
             loaded.set()
 
     try:
-        # What the scan must reach: a fresh consumer can report nothing pending before it has
-        # caught up (seen on R3 clusters), and the stream's last message always comes.
-        state = (await nc.jetstream().stream_info(stream_name(bucket))).state
-    except nats.js.errors.NotFoundError:
-        return {}
-    try:
+        if until is None:
+            # What the scan must reach: a fresh consumer can report nothing pending before it
+            # has caught up (seen on R3 clusters), and the stream's last message always comes.
+            state = (await nc.jetstream().stream_info(stream)).state
+            until = state.last_seq if state.messages else 0
         sub = await nc.jetstream().subscribe(
             prefix + ">",
-            stream=stream_name(bucket),
+            stream=stream,
             cb=on_message,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
@@ -433,12 +440,14 @@ async def scan(
             pending_bytes_limit=-1,
         )
     except nats.js.errors.NotFoundError:
-        return {}
+        return False
+    consumer: str | None = None
     try:
         info = await sub.consumer_info()
+        consumer = info.name
         if info.num_pending == 0 and sub.delivered == 0:
             loaded.set()  # an empty bucket sends nothing that marks the end
-        while not loaded.is_set() or (state.messages and highest < state.last_seq):
+        while not loaded.is_set() or highest < until:
             progress.clear()
             try:
                 async with asyncio.timeout(stall):
@@ -448,6 +457,27 @@ async def scan(
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+        if consumer is not None and nc.is_connected:
+            # Not left to expire: whoever counts the bucket's consumers sees only its own.
+            with contextlib.suppress(Exception):
+                await nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}", b"")
+    return True
+
+
+async def scan(
+    nc: Client, bucket: str, keep: Callable[[str], bool] | None = None, stall: float = 5.0
+) -> dict[str, tuple[bytes, int]]:
+    """(value, revision) of every live key of the bucket (those `keep` accepts), in one pass
+    (`scan_messages`). Empty when the bucket does not exist."""
+    found: dict[str, tuple[bytes, int]] = {}
+
+    def take(seq: int, key: str, headers: Mapping[str, str] | None, data: bytes) -> None:
+        if is_delete(headers):
+            found.pop(key, None)
+        elif keep is None or keep(key):
+            found[key] = (data, seq)
+
+    await scan_messages(nc, bucket, take, stall=stall)
     return found
 
 
