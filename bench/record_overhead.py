@@ -27,7 +27,7 @@ import orjson
 
 from bench.core_cpu import workload
 from callout.keys import CurveKey
-from callout.recording import Recorder, record_document
+from callout.recording.writer import Recorder, record_document
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> None:

@@ -479,12 +479,14 @@ class Authorizer:
         lookup: Lookup | None = None,
         *,
         replay: bool = False,
+        valid_at: float | None = None,
     ) -> Answer | Pending:
         """One request, as far as it goes without I/O. `lookup` reads the store without waiting
-        (None: every lookup waits); `replay`: the shared replay record must be asked too."""
+        (None: every lookup waits); `replay`: the shared replay record must be asked too;
+        `valid_at`: the clock the request itself is judged by (`open`), `now` unless given."""
         request: Request | None = None
         try:
-            opened = self.open(payload, headers, now)
+            opened = self.open(payload, headers, now, valid_at=valid_at)
             if isinstance(opened, Decision):
                 return self._answer(opened, now)
             request = opened

@@ -47,9 +47,9 @@ from callout.decision import (
     Unavailable,
     store_answer,
 )
-from callout.recording import Recorder
+from callout.recording.writer import Recorder
 from callout.store import Store, StoreError
-from callout.store.replay import ReplayBucket
+from callout.store.seen import SeenRecord
 
 SUBJECT = "$SYS.REQ.USER.AUTH"
 # Longest run of callback work (seconds) before the event loop gets a turn: bounds how long a
@@ -84,7 +84,7 @@ class CalloutService:
     # Called with every decision and its latency in seconds (metrics, audit). Must not block.
     observers: list[Callable[[Decision, float], None]] = field(default_factory=list)
     # The shared replay record (--replay-bucket), consulted beside the store lookup.
-    replay: ReplayBucket | None = None
+    seen: SeenRecord | None = None
     # --record-dir: given every handled request (bytes as received) and its decision.
     recorder: Recorder | None = None
     # --log-decisions: which decisions get a log line (all, denies and drops only, none).
@@ -164,7 +164,7 @@ class CalloutService:
                 msg.headers,
                 received,
                 self.store.get_nowait,
-                replay=self.replay is not None,
+                replay=self.seen is not None,
             )
         except Exception as exc:  # start is total; this only guards the shell's own bug
             started = Answer(self.authorizer.fail(None, f"{type(exc).__name__} in the shell"), b"")
@@ -217,12 +217,12 @@ class CalloutService:
         try:
             if pending.wants_store and pending.replay:
                 from_store, replay_answer = await asyncio.gather(
-                    self._lookup(pending, received), self._check_replay(pending, received)
+                    self._lookup(pending, received), self._check_seen(pending, received)
                 )
             elif pending.wants_store:
                 from_store = await self._lookup(pending, received)
             elif pending.replay:
-                replay_answer = await self._check_replay(pending, received)
+                replay_answer = await self._check_seen(pending, received)
             answer = authorizer.resume(pending, from_store, replay_answer, self.clock())
         except Exception as exc:  # a bug in the I/O: deny, never admit or go silent
             answer = authorizer.abort(pending, f"{type(exc).__name__} in a lookup", self.clock())
@@ -242,15 +242,15 @@ class CalloutService:
             return Unavailable(str(exc))
         return store_answer(value)
 
-    async def _check_replay(self, pending: Pending, received: float) -> ReplayAnswer:
-        assert self.replay is not None
+    async def _check_seen(self, pending: Pending, received: float) -> ReplayAnswer:
+        assert self.seen is not None
         request = pending.request
         budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
         if budget <= 0:
             return TimedOut()
         try:
             async with asyncio.timeout(budget):
-                first = await self.replay.first_sight(
+                first = await self.seen.first_sight(
                     request.server_id, request.user_nkey, request.nonce
                 )
         except TimeoutError:

@@ -1,8 +1,9 @@
-"""`callout replay PATH...`: feed recorded requests (`callout serve --record-dir`, or recorded
-test cases) through the decision core again, with a users file or bucket, and print the
+"""`callout replay PATH...`: feed recorded requests (`callout serve --record-dir`) through the
+decision core again, with a users file or bucket, and print the
 recorded and the new decision of each. A recording carries the policy it was decided under;
 each of `serve`'s policy flags given here overrides its part of it. Requests recorded without a
-policy (test cases, recordings of format 1) take the whole policy from the flags.
+policy (a file without a policy line, recordings of format 1) take the whole policy from the
+flags.
 
 Exit status: 0 when no decision changed, 1 when any did (usable in CI), 2 when the input or
 the flags cannot be used. Requests recorded without their payload are listed as skipped.
@@ -19,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from callout import replay
 from callout.commands.common import (
     add_identity_flags,
     connect,
@@ -40,6 +40,7 @@ from callout.commands.serve import (
 from callout.config import add
 from callout.decision import Policy
 from callout.keys import KeyKind, SigningKey, is_public, load_curve_key, load_signing_key
+from callout.recording import reader, replay
 from callout.records import account_problem
 from callout.store import StoreError
 from callout.store import kv as kvstore
@@ -86,12 +87,12 @@ def format_summary(summary: replay.Summary, at: str, policy: str = "") -> list[s
 def _users_file(path: str) -> dict[str, bytes | None]:
     try:
         if path == "-":
-            return replay.read_users(sys.stdin.buffer, "stdin")
+            return reader.read_users(sys.stdin.buffer, "stdin")
         with open(path, "rb") as stream:
-            return replay.read_users(stream, path)
+            return reader.read_users(stream, path)
     except OSError as exc:
         fail(f"--users {path}: {exc.strerror or exc}")
-    except replay.ReplayError as exc:
+    except reader.ReplayError as exc:
         fail(f"--users {exc}")
 
 
@@ -202,9 +203,9 @@ def _flags_policy(args: argparse.Namespace, needed_by: str) -> Policy:
     were recorded without one."""
     if args.account is None:
         fail(
-            f"{needed_by} was recorded without its policy (a test case, or a recording of"
-            " format 1): give the policy flags, at least --account (and --xkey-seed-file for"
-            " encrypted requests)"
+            f"{needed_by} was recorded without its policy (a file without a policy line, or a"
+            " recording of format 1): give the policy flags, at least --account (and"
+            " --xkey-seed-file for encrypted requests)"
         )
     filled = argparse.Namespace(**vars(args))
     for name, value in POLICY_DEFAULTS.items():
@@ -234,8 +235,8 @@ async def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     paths = [Path(p) for p in args.paths]
     try:
-        entries = replay.read(paths)
-    except replay.ReplayError as exc:
+        entries = reader.read(paths)
+    except reader.ReplayError as exc:
         fail(str(exc))
     if not entries:
         fail(f"no recorded requests in {', '.join(args.paths)}")
@@ -248,12 +249,12 @@ async def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     overrides = policy_overrides(args) if recorded else {}
     for each in recorded.values():
         _merged(each.policy, overrides, bool(args.operator))
-    users: dict[str, bytes | None] | None = None
+    users: dict[str, bytes | None] = {}
     if args.users:
         users = _users_file(args.users)
     elif args.users_bucket:
         users = await _bucket_users(args, {entry.client for entry in entries if entry.client})
-    elif any(entry.kind == "recording" for entry in entries):
+    else:
         fail("recordings need --users FILE or --users-bucket NAME to answer lookups")
     replayer = replay.Replayer(
         policy,
@@ -273,7 +274,7 @@ async def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         out.flush()
     except BrokenPipeError:  # `| head`: the exit status still tells
         pass
-    except replay.ReplayError as exc:
+    except reader.ReplayError as exc:
         fail(str(exc))
     return 1 if summary.changed else 0
 
@@ -287,7 +288,7 @@ def register(sub: Any) -> None:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="--record-dir directories, recording files (*.jsonl) or recorded cases (*.json)",
+        help="--record-dir directories or recording files (*.jsonl)",
     )
     p.add_argument(
         "--users",

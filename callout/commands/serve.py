@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
-from callout import log, operations, recording
+from callout import log, operations
 from callout.commands.common import (
     Identity,
     add_identity_flags,
@@ -40,12 +40,13 @@ from callout.keys import (
     load_curve_key,
     load_signing_key,
 )
+from callout.recording import writer as recording
 from callout.records import account_problem
 from callout.revocation import Revoker
 from callout.service import LOG_DECISIONS, CalloutService
 from callout.store import Store, StoreError
 from callout.store import kv as kvstore
-from callout.store.replay import ReplayBucket
+from callout.store.seen import SeenRecord
 from callout.store.watch import WatchedStore
 
 # A JWT living longer than this is a mistake (and past int64 seconds, one every admit fails on).
@@ -279,11 +280,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         watched.start()
         if args.users_cache == "watch":
             store = watched
-    replay: ReplayBucket | None = None
+    seen: SeenRecord | None = None
     if args.replay_bucket:
-        replay = ReplayBucket(store_nc, args.replay_bucket, request_timeout=timeout)
+        seen = SeenRecord(store_nc, args.replay_bucket, request_timeout=timeout)
         try:
-            await replay.ensure(args.replicas)
+            await seen.ensure(args.replicas)
         except StoreError as exc:  # fail closed at lookup time; the service still starts
             log.warning("replay_bucket_unavailable", bucket=args.replay_bucket, detail=str(exc))
     service = CalloutService(
@@ -293,7 +294,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         queue=args.queue_group,
         max_inflight=args.max_inflight,
         max_backlog=args.max_backlog,
-        replay=replay,
+        seen=seen,
         recorder=recorder,
         log_decisions=args.log_decisions,
     )

@@ -1,5 +1,6 @@
 """`callout users`: add, get, list and revoke records in the users bucket; import them in bulk
-(JSON lines, CSV, SQLite) and export them (the work is in `callout.migrate`)."""
+(JSON lines, CSV, SQLite) and export them (the work is in `callout.migrate`; every read and
+write of the bucket is `callout.store.kv`'s)."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ async def users(args: argparse.Namespace) -> int:
         elif args.action == "list":
             # One ordered-consumer pass that checks it reached the stream's end, not a key
             # listing followed by a get per key (nats-py's listing can come back short).
-            for k, value in await migrate.bucket_entries(nc, args.users_bucket):
+            for k, value in await kvstore.entries(nc, args.users_bucket):
                 _out(_show(k, value))
         elif args.action == "revoke":
             return await _revoke(nc, args.users_bucket, bucket, key, args.keep_sessions)
@@ -208,7 +209,7 @@ async def _bulk(args: argparse.Namespace) -> int:
         return _finish(migrate.Report.of(collected, dry_run=args.dry_run, planned=False))
     nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
     try:
-        bucket = await migrate.open_bucket(
+        bucket = await kvstore.open_bucket(
             nc, args.users_bucket, create=not args.dry_run, replicas=args.replicas
         )
         await migrate.plan(bucket, collected.items, overwrite=args.overwrite)
@@ -246,9 +247,9 @@ def _finish(report: migrate.Report) -> int:
 async def _export(args: argparse.Namespace, identity: Identity) -> int:
     nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
     try:
-        if await migrate.open_bucket(nc, args.users_bucket, create=False, replicas=None) is None:
+        if await kvstore.open_bucket(nc, args.users_bucket, create=False, replicas=None) is None:
             raise StoreError(f"bucket {args.users_bucket!r} does not exist")
-        entries = await migrate.bucket_entries(nc, args.users_bucket)
+        entries = await kvstore.entries(nc, args.users_bucket)
     except nats.errors.Error as exc:
         raise StoreError(f"NATS error: {type(exc).__name__}") from None
     finally:

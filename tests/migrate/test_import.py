@@ -319,7 +319,7 @@ async def test_an_edit_between_plan_and_write_is_a_conflict_and_is_kept(
             iter([orjson.dumps({"key": k, "name": f"{k[:4]}-import"}) for k in (a, b, c, d, e)])
         )
     )
-    bucket = await migrate.open_bucket(env.nc, "users", create=True, replicas=None)
+    bucket = await kvstore.open_bucket(env.nc, "users", create=True, replicas=None)
     assert bucket is not None
     items = collected.items
     await migrate.plan(bucket, items, overwrite=True, scan_ratio=scan_ratio)
@@ -349,7 +349,7 @@ async def test_an_edit_between_plan_and_write_is_a_conflict_and_is_kept(
 class FlakyBucket:
     """The real bucket, except that writes of the keys in `broken` time out."""
 
-    def __init__(self, inner: migrate.KVBucket, broken: set[str]) -> None:
+    def __init__(self, inner: kvstore.KVBucket, broken: set[str]) -> None:
         self.inner = inner
         self.broken = broken
         self.creates = 0
@@ -376,7 +376,7 @@ class FlakyBucket:
 async def test_a_failed_write_fails_only_its_row_and_a_rerun_finishes(env: Env) -> None:
     pubs = [new_user()[1] for _ in range(200)]
     rows = [orjson.dumps({"key": k, "name": f"n{i}"}) for i, k in enumerate(pubs)]
-    real = await migrate.open_bucket(env.nc, "users", create=True, replicas=None)
+    real = await kvstore.open_bucket(env.nc, "users", create=True, replicas=None)
     assert real is not None
     flaky = FlakyBucket(real, {pubs[3], pubs[150]})
     collected = migrate.collect(migrate.read_jsonl(iter(rows)))
@@ -404,7 +404,7 @@ async def test_once_jetstream_is_gone_the_rest_fail_without_waiting_each(
     monkeypatch.setattr(kvstore, "_NO_RESPONDERS_WAIT", 0)
     pubs = [new_user()[1] for _ in range(200)]
     rows = [orjson.dumps({"key": k, "name": f"n{i}"}) for i, k in enumerate(pubs)]
-    real = await migrate.open_bucket(env.nc, "users", create=True, replicas=None)
+    real = await kvstore.open_bucket(env.nc, "users", create=True, replicas=None)
     assert real is not None
     counting = FlakyBucket(real, set())
     collected = migrate.collect(migrate.read_jsonl(iter(rows)))

@@ -12,11 +12,16 @@ to its client by the claimed nkey / user name in the request, never by arrival o
 
 Output (committed; all keys are throw-away test keys):
 
-- ``tests/replay/cases/<mode>_<client>.json``: ``payload_b64``, ``headers``, ``received_at``
-  (the recorder's wall clock when the request arrived: the replay's fixed clock),
-  ``encrypted``, ``users`` (the store the replay answers from: public key -> record, or null
-  for "no record"), ``expect`` (``reason``, ``admit``, ``account``), ``client`` (what the
-  script did);
+- ``tests/replay/cases/<mode>_<client>.jsonl``: a recording, in the format ``callout serve
+  --record-dir`` writes (``callout.recording``), of the one request: ``received_at`` (the
+  recorder's wall clock when the request arrived: the replay's fixed clock), ``headers``,
+  ``token_b64`` (the request as the server signed it; for an encrypted one the box opened,
+  with ``opened_with`` the xkey that opened it), the decoded ``request`` and, as its
+  ``decision``, the one the issue's rules demand. Unlike the service's recordings it has no
+  policy line (the policy is keys.json's, given as flags) and it keeps the token of a
+  user/password or token client (throw-away credentials), which the service would redact;
+- ``tests/replay/cases.json``: for each case, what the script did (``client``) and the store
+  the replay answers from (``users``: public key -> record, or null for "no record");
 - ``tests/replay/keys.json``: issuer, service and xkey seeds, the internal keys and the
   account configuration the expectations assume.
 
@@ -57,7 +62,13 @@ from tests.harness import (
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "cases"
+CASES_FILE = HERE / "cases.json"
 KEYS_FILE = HERE / "keys.json"
+# The recording format the cases are written in (`callout.recording.FORMAT_VERSION`).
+FORMAT_VERSION = 2
+# connect_opts fields that are credentials: replaced in the decoded `request`, as the
+# service's recorder does.
+SECRET_FIELDS = ("pass", "auth_token", "jwt")
 
 ACCOUNT = "APP"
 CALLOUT_ACCOUNT = "AUTH"
@@ -116,16 +127,84 @@ class Recorder:
             await self.nc.publish(msg.reply, b"")
 
 
-def request_claims(payload: bytes, headers: dict[str, str] | None, xkey_seed: str) -> Any:
-    """Decode (decrypt when needed) a request without verifying it: to match it to a client."""
-    token = payload
-    if payload.startswith(b"xkv1"):
-        assert headers is not None
-        server = nacl.public.PublicKey(decode_curve_public(headers["Nats-Server-Xkey"]))
-        ours = nacl.public.PrivateKey(decode_curve_seed(xkey_seed))
-        token = nacl.public.Box(ours, server).decrypt(payload[28:], payload[4:28])
+def request_token(payload: bytes, headers: dict[str, str] | None, xkey_seed: str) -> bytes:
+    """The request as the server signed it: the payload, or the box opened with our xkey."""
+    if not payload.startswith(b"xkv1"):
+        return payload
+    assert headers is not None
+    server = nacl.public.PublicKey(decode_curve_public(headers["Nats-Server-Xkey"]))
+    ours = nacl.public.PrivateKey(decode_curve_seed(xkey_seed))
+    return nacl.public.Box(ours, server).decrypt(payload[28:], payload[4:28])
+
+
+def token_claims(token: bytes) -> Any:
     body = token.split(b".")[1]
     return json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+
+
+def request_claims(payload: bytes, headers: dict[str, str] | None, xkey_seed: str) -> Any:
+    """Decode (decrypt when needed) a request without verifying it: to match it to a client."""
+    return token_claims(request_token(payload, headers, xkey_seed))
+
+
+def recording_line(
+    payload: bytes,
+    headers: dict[str, str] | None,
+    received_at: float,
+    expected: dict[str, Any],
+    keys: dict[str, Any],
+) -> dict[str, Any]:
+    """One request as a recording line (format `FORMAT_VERSION`), its decision `expected`.
+    `keys` holds the xkey seed and public key (keys.json's `xkey_seed`, `xkey_pub`)."""
+    token = request_token(payload, headers, keys["xkey_seed"])
+    claims = token_claims(token)
+    options = claims["nats"].get("connect_opts") or {}
+    nkey = options.get("nkey")
+    if any(name in options for name in SECRET_FIELDS):
+        options = {**options, **{n: "[REDACTED]" for n in SECRET_FIELDS if n in options}}
+        claims = {**claims, "nats": {**claims["nats"], "connect_opts": options}}
+    encrypted = payload.startswith(b"xkv1")
+    line: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "received_at": received_at,
+        "client": nkey if isinstance(nkey, str) else "",
+        "encrypted": encrypted,
+        "headers": headers,
+        "raw": "kept",
+        "token_b64": base64.b64encode(token).decode(),
+    }
+    if encrypted:
+        line["opened_with"] = keys["xkey_pub"]
+    line["request"] = claims
+    admit = expected["admit"]
+    line["decision"] = {
+        "outcome": "admit" if admit else "deny",
+        "reason": expected["reason"],
+        "admit": admit,
+        "account": expected["account"],
+        "detail": "",
+    }
+    return line
+
+
+def write_cases(cases: dict[str, dict[str, Any]], keys: dict[str, Any]) -> None:
+    """Each case as a recording of its one request, and what the tests need beside it."""
+    if CASES.exists():
+        for old in CASES.glob("*.jsonl"):
+            old.unlink()
+    CASES.mkdir(exist_ok=True)
+    beside: dict[str, Any] = {}
+    for name, case in sorted(cases.items()):
+        line = recording_line(
+            base64.b64decode(case["payload_b64"]),
+            case["headers"],
+            case["received_at"],
+            case["expect"],
+            keys,
+        )
+        (CASES / f"{name}.jsonl").write_text(json.dumps(line, sort_keys=True) + "\n")
+        beside[name] = {"client": case["client"], "users": case["users"]}
+    CASES_FILE.write_text(json.dumps(beside, indent=2, sort_keys=True) + "\n")
 
 
 def script(keys: Keys, internal: tuple[str, str]) -> list[Client]:
@@ -319,12 +398,6 @@ async def main() -> None:
         cases |= await record_mode(keys, internal, True, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if CASES.exists():
-        for old in CASES.glob("*.json"):
-            old.unlink()
-    CASES.mkdir(exist_ok=True)
-    for name, case in cases.items():
-        (CASES / f"{name}.json").write_text(json.dumps(case, indent=2, sort_keys=True) + "\n")
     config = {
         "note": "throw-away test keys for tests/replay; never used outside the test suite",
         "issuer_seed": keys.issuer_seed,
@@ -344,6 +417,7 @@ async def main() -> None:
         "nats_server": "2.15.1",
     }
     KEYS_FILE.write_text(json.dumps(config, indent=2) + "\n")
+    write_cases(cases, config)
     print(f"wrote {len(cases)} cases to {CASES} and keys to {KEYS_FILE}", file=sys.stderr)
 
 

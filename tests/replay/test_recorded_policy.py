@@ -1,4 +1,4 @@
-"""A recording carries the policy it was decided under (`callout.recorded_policy`), so a replay
+"""A recording carries the policy it was decided under (`callout.recording.policy`), so a replay
 needs no flag and no secret: the policy's public part, strictly read back; stand-in keys where
 the recording has public ones; an encrypted request fed as the server signed it, sealed again
 to a stand-in, so the xkey rules see it as it arrived. Recordings without a policy (format 1)
@@ -15,10 +15,12 @@ from typing import Any
 import orjson
 import pytest
 
-from callout import cli, recorded_policy, replay
+from callout import cli
 from callout.decision import AccountSigner, Policy
 from callout.keys import SigningKey
-from callout.recording import header_line, record_document
+from callout.recording import policy as recorded_policy
+from callout.recording import reader, replay
+from callout.recording.writer import header_line, record_document
 from callout.records import Permissions, Rules
 from tests.harness import new_account
 from tests.replay.test_recording import XKEYS, assert_absent
@@ -121,11 +123,10 @@ def write_recording(path: Path, names: tuple[str, ...], *, with_policy: bool = T
     """A recording file as `serve --record-dir` writes it, the cases decided as recorded."""
     encrypted = names[0].startswith("encrypted_")
     service_policy = policy(encrypted=encrypted)
-    replayer = replay.Replayer(service_policy)
     lines = [header_line(service_policy)] if with_policy else []
     for name in names:
         case = case_named(name)
-        outcome = replayer.run(case.entry)
+        outcome = replay.Replayer(service_policy, case.store).run(case.entry)
         assert outcome.decision is not None
         xkeys = XKEYS if encrypted else ()
         doc = record_document(case.payload, case.headers, case.received_at, outcome.decision, xkeys)
@@ -188,8 +189,8 @@ def test_an_encrypted_request_is_still_judged_as_encrypted(
 ) -> None:
     """The stand-in xkey opens what the recorded one opened; nothing else does."""
     path = write_recording(tmp_path / "rec" / "requests-1.jsonl", ENCRYPTED)
-    entries = replay.read([path])
-    users = replay.read_users(users_of(tmp_path, ENCRYPTED).read_bytes().splitlines())
+    entries = reader.read([path])
+    users = reader.read_users(users_of(tmp_path, ENCRYPTED).read_bytes().splitlines())
     assert all(e.opened_with == XKEYS[0].public for e in entries)
     outcomes = list(replay.Replayer(users=users).run_all(entries))
     assert [o.changed for o in outcomes] == [False] * len(ENCRYPTED)
@@ -201,7 +202,7 @@ def test_an_encrypted_request_is_still_judged_as_encrypted(
     # A plaintext request to a service that had an xkey: still xkey_required.
     service = policy(encrypted=True)
     plain = case_named("plain_known_natspy")
-    decision = replay.Replayer(service).run(plain.entry).decision
+    decision = replay.Replayer(service, plain.store).run(plain.entry).decision
     assert decision is not None and decision.reason == "xkey_required"
     header = header_line(service)
     doc = record_document(plain.payload, None, plain.received_at, decision, XKEYS)
@@ -218,7 +219,7 @@ def test_files_recorded_under_different_policies_each_keep_their_own(
     write_recording(tmp_path / "rec" / "requests-1.jsonl", PLAIN)
     soft = dataclasses.replace(policy(encrypted=False), mode="soft")
     unknown = case_named("plain_unknown")
-    decision = replay.Replayer(soft).run(unknown.entry).decision
+    decision = replay.Replayer(soft, unknown.store).run(unknown.entry).decision
     assert decision is not None and decision.reason == "would_deny"
     # The same request, recorded by a soft-mode replica (a second server id is not needed:
     # each policy gets its own core, so it is not a replay of the first file's request).

@@ -1,4 +1,4 @@
-"""`callout.recording` (what `serve --record-dir` writes) and `callout.replay` reading it back,
+"""`callout.recording.writer` (what `serve --record-dir` writes) and the replay reading it back,
 without a server: the requests are the ones recorded from nats-server 2.15.1 in
 tests/replay/cases (decoded here by test_replay's independent decoder) or forged like the
 server's (tests/unit/forge.py), and the service is the shell driven by a fake connection
@@ -21,11 +21,12 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from callout import recording, replay
 from callout.commands.replay import format_outcome
 from callout.decision import Decision
 from callout.keys import CurveKey
-from callout.recording import RecordDirError, Recorder, record_document
+from callout.recording import reader, replay
+from callout.recording import writer as recording
+from callout.recording.writer import RecordDirError, Recorder, record_document
 from callout.store import StoreError
 from callout.store.memory import MemoryStore
 from tests.harness import Keys, new_user
@@ -40,7 +41,7 @@ NAME = re.compile(r"requests-\d{8}T\d{6}\.\d{6}Z-p\d+-\d{6}\.jsonl")
 
 def recorded(case: Case, *, xkeys: tuple[CurveKey, ...] | None = None) -> dict[str, Any]:
     """The line `serve --record-dir` writes for this case, decided as the service would."""
-    replayer = replay.Replayer(policy(encrypted=case.encrypted))
+    replayer = replay.Replayer(policy(encrypted=case.encrypted), case.store)
     outcome = replayer.run(case.entry)
     assert outcome.decision is not None
     keys = (XKEYS if case.encrypted else ()) if xkeys is None else xkeys
@@ -184,9 +185,8 @@ async def test_files_are_private_and_rotate_by_size(tmp_path: Path) -> None:
     docs = [recorded(case) for case in cases]
     max_bytes = 2 * max(len(doc["_line"]) for doc in docs) + 10
     recorder = Recorder(directory, max_bytes=max_bytes)
-    replayer = replay.Replayer(policy(encrypted=False))
     for case in cases:
-        outcome = replayer.run(case.entry)
+        outcome = replay.Replayer(policy(encrypted=False), case.store).run(case.entry)
         assert outcome.decision is not None
         recorder.record(case.payload, case.headers, case.received_at, outcome.decision)
         await asyncio.sleep(0)
@@ -344,7 +344,7 @@ async def test_the_service_records_every_handled_request_after_its_reply(tmp_pat
     assert len(calls) == 5  # once per request
 
     # Replayed with the same users: the same decisions, the replay and the store failure too.
-    entries = replay.read([tmp_path / "rec"])
+    entries = reader.read([tmp_path / "rec"])
     replayer = replay.Replayer(env.service.authorizer.policy, {alice.public: users[alice.public]})
     outcomes = list(replayer.run_all(entries))
     assert [o.changed for o in outcomes] == [False] * 5, [o.new for o in outcomes]
@@ -358,7 +358,7 @@ async def test_the_service_records_every_handled_request_after_its_reply(tmp_pat
     # Users read for some keys only (a bucket): a lookup of another key is an error.
     policy_ = env.service.authorizer.policy
     partial = replay.Replayer(policy_, {stranger.public: None}, complete=False)
-    with pytest.raises(replay.ReplayError, match=alice.public):
+    with pytest.raises(reader.ReplayError, match=alice.public):
         list(partial.run_all(entries))
     # Admitted still, with other permissions: a change too, and said so.
     wider = {alice.public: record("alice", pub_allow=["a.>", "b.>"])}
@@ -385,7 +385,7 @@ async def test_a_shed_request_is_recorded_and_skipped_on_replay(tmp_path: Path) 
     assert sorted(d["decision"]["reason"] for d in docs) == ["admit", "admit", "overloaded"]
     outcomes = list(
         replay.Replayer(env.service.authorizer.policy, {env.client.public: record("alice")})
-        .run_all(replay.read([tmp_path / "rec"]))
+        .run_all(reader.read([tmp_path / "rec"]))
     )  # fmt: skip
     skipped = [o.skipped for o in outcomes if o.skipped]
     assert skipped == ["shed under overload (never reached the decision core)"]
@@ -412,7 +412,7 @@ async def test_a_broken_recorder_never_touches_the_decision() -> None:
 async def test_unreadable_lines_are_skipped_not_fatal(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path / "rec")
     case = case_named("plain_unknown")
-    outcome = replay.Replayer(policy(encrypted=False)).run(case.entry)
+    outcome = replay.Replayer(policy(encrypted=False), case.store).run(case.entry)
     assert outcome.decision is not None
     recorder.record(case.payload, None, case.received_at, outcome.decision)
     await recorder.close()
@@ -420,7 +420,7 @@ async def test_unreadable_lines_are_skipped_not_fatal(tmp_path: Path) -> None:
     text = path.read_bytes()
     future = json.dumps({"v": 99, "received_at": case.received_at + 1}).encode()
     path.write_bytes(text + future + b"\n" + text[: len(text) // 2])  # a crash mid-line
-    entries = replay.read([tmp_path / "rec"])
+    entries = reader.read([tmp_path / "rec"])
     assert [e.skip for e in entries] == [
         None,
         "format version 99 unknown",
@@ -438,19 +438,20 @@ def test_users_file_is_the_users_list_format() -> None:
         orjson.dumps({"key": bad, "invalid_record": "{not json"}),
         orjson.dumps({"key": other, "name": "bob", "revoked": True}),
     ]
-    users = replay.read_users(lines)
+    users = reader.read_users(lines)
     assert set(users) == {key, other, bad}
     assert users[bad] == b"{not json"
     assert orjson.loads(cast(bytes, users[key])) == {"name": "alice", "revoked": False}
-    with pytest.raises(replay.ReplayError, match=r"users:2: .* appears twice"):
-        replay.read_users([lines[0], lines[0]])
-    with pytest.raises(replay.ReplayError, match="users:1: not JSON"):
-        replay.read_users([b"{"])
+    with pytest.raises(reader.ReplayError, match=r"users:2: .* appears twice"):
+        reader.read_users([lines[0], lines[0]])
+    with pytest.raises(reader.ReplayError, match="users:1: not JSON"):
+        reader.read_users([b"{"])
 
 
 def test_every_request_in_a_case_directory_is_read_in_arrival_order() -> None:
-    entries = replay.read([Path(__file__).parent / "cases"])
+    entries = reader.read([Path(__file__).parent / "cases"])
     assert len(entries) == 24
     times = [e.received_at for e in entries]
     assert times == sorted(times)
-    assert all(e.kind == "case" and e.skip is None for e in entries)
+    # Recordings of one request each, without a policy line (keys.json's is given as flags).
+    assert all(e.policy is None and e.skip is None and e.payload for e in entries)

@@ -2,10 +2,12 @@
 through the sans-I/O core with the recorded arrival time as a fixed clock.
 
 The data comes from ``tests/replay/record.py`` (run by hand; see its docstring). Each case
-holds the exact payload and headers the service received, the store contents to answer
-with, and the decision the issue's rules demand. The cases are read and fed to the core by
-``callout.replay``, the mechanism behind ``callout replay`` (so these tests are also its
-tests, and the CLI is run over the committed cases at the end). The responses are decoded
+is a recording of one request (the format ``callout serve --record-dir`` writes): the
+request as the server signed it and the headers the service received, with the decision
+the issue's rules demand; ``cases.json`` beside it holds the store contents to answer with.
+The cases are read and fed to the core by ``callout.recording.replay``, the mechanism behind
+``callout replay`` (so these tests are also its tests, and the CLI is run over the committed
+cases at the end). The responses are decoded
 here with an independent JWT/nkey decoder (PyNaCl + base32, not ``callout.jwt``), so a bug
 shared by the encoder and the decoder in ``callout`` cannot hide.
 """
@@ -26,16 +28,19 @@ import nkeys
 import orjson
 import pytest
 
-from callout import cli, replay
-from callout.decision import Authorizer, Decision, Policy, StoreAnswer
+from callout import cli
+from callout.decision import Authorizer, Decision, Pending, Policy, StoreAnswer
 from callout.keys import CurveKey, SigningKey
+from callout.recording import reader, replay
 from tests.harness import decode_curve_public, decode_curve_seed, new_curve
 from tests.service import write_seed
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "cases"
 KEYS: dict[str, Any] = json.loads((HERE / "keys.json").read_text())
-CASE_FILES = sorted(CASES.glob("*.json"))
+# What each case's client did, and the store it is answered from.
+BESIDE: dict[str, Any] = json.loads((HERE / "cases.json").read_text())
+CASE_FILES = sorted(CASES.glob("*.jsonl"))
 XKEY_HEADER = "Nats-Server-Xkey"
 
 
@@ -84,15 +89,22 @@ def server_box(headers: dict[str, str]) -> nacl.public.Box:
 class Case:
     name: str
     client: str
-    entry: replay.Entry  # the case as `callout replay` reads it
+    entry: reader.Entry  # the case as `callout replay` reads it
     encrypted: bool
     users: dict[str, dict[str, Any] | None]
     expect: dict[str, Any]
+    # What the service received: the token, sealed to our xkey when the request was encrypted.
+    payload: bytes
 
     @property
-    def payload(self) -> bytes:
+    def token(self) -> bytes:
         assert self.entry.payload is not None
         return self.entry.payload
+
+    @property
+    def store(self) -> dict[str, bytes | None]:
+        """The users as the replay answers lookups from them."""
+        return {k: None if v is None else orjson.dumps(v) for k, v in self.users.items()}
 
     @property
     def headers(self) -> dict[str, str] | None:
@@ -115,22 +127,30 @@ class Case:
 @cache
 def load(path: Path) -> Case:
     doc = json.loads(path.read_text())
-    entry = replay.read_case(path)
+    [entry] = reader.read_recording(path)
     # The reader's view of the file must be the file (checked against a plain json.loads).
-    assert entry.payload == base64.b64decode(doc["payload_b64"])
+    assert entry.payload == base64.b64decode(doc["token_b64"])
     assert (entry.headers, entry.received_at) == (doc["headers"], doc["received_at"])
+    assert entry.skip is None and entry.policy is None
+    payload = entry.payload
+    if doc["encrypted"]:
+        # Sealed again as the server did, from its xkey (the header) to ours.
+        assert entry.headers is not None and entry.opened_with == KEYS["xkey_pub"]
+        payload = b"xkv1" + server_box(entry.headers).encrypt(payload)
+    decision = doc["decision"]
     return Case(
         name=path.stem,
-        client=doc["client"],
+        client=BESIDE[path.stem]["client"],
         entry=entry,
         encrypted=doc["encrypted"],
-        users=doc["users"],
-        expect=doc["expect"],
+        users=BESIDE[path.stem]["users"],
+        expect={k: decision[k] for k in ("reason", "admit", "account")},
+        payload=payload,
     )
 
 
 def case_named(name: str) -> Case:
-    return load(CASES / f"{name}.json")
+    return load(CASES / f"{name}.jsonl")
 
 
 def policy(*, encrypted: bool, xkey_seed: str | None = None) -> Policy:
@@ -150,14 +170,13 @@ def policy(*, encrypted: bool, xkey_seed: str | None = None) -> Policy:
 
 def store_answer(case: Case, client_key: str) -> StoreAnswer:
     assert client_key in case.users, f"{case.name}: the core looked up an unexpected key"
-    assert case.entry.users is not None
-    return replay.answer(case.entry.users, client_key)
+    return replay.answer(case.store, client_key)
 
 
 def run(authorizer: Authorizer, case: Case, now: float) -> Decision:
-    return replay.decide(
+    return replay.feed(
         authorizer, case.payload, case.headers, now, lambda key: store_answer(case, key)
-    )
+    ).decision
 
 
 def response_claims(case: Case, body: bytes) -> dict[str, Any]:
@@ -203,6 +222,15 @@ def test_recording_covers_both_modes_and_both_sig_encodings() -> None:
 def test_recorded_request_is_authentic(path: Path) -> None:
     case = load(path)
     request = case.request
+    # The recording's decoded request is the token's claims, credentials redacted.
+    recorded = json.loads(path.read_text())["request"]
+    options = request["nats"].get("connect_opts") or {}
+    secrets = {name for name in ("pass", "auth_token", "jwt") if name in options}
+    assert recorded["nats"]["connect_opts"] == {
+        **options,
+        **dict.fromkeys(secrets, "[REDACTED]"),
+    }
+    assert {**recorded, "nats": None} == {**request, "nats": None}
     assert request["iss"] == request["nats"]["server_id"]["id"]
     assert request["aud"] == "nats-authorization-request"
     assert request["iat"] <= case.received_at <= request["exp"]
@@ -217,7 +245,7 @@ def test_recorded_request_is_authentic(path: Path) -> None:
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
 def test_decision_and_response(path: Path) -> None:
     case = load(path)
-    replayer = replay.Replayer(policy(encrypted=case.encrypted))
+    replayer = replay.Replayer(policy(encrypted=case.encrypted), case.store)
     outcome = replayer.run(case.entry)
     assert outcome.decision is not None and outcome.new is not None, outcome.skipped
     decision = outcome.decision
@@ -363,6 +391,21 @@ def policy_flags(tmp_path: Path, mode: str) -> list[str]:
     return flags
 
 
+def users_of(mode: str) -> dict[str, Any]:
+    """The records of a mode's cases (a key with none is not listed: it has no record)."""
+    users: dict[str, Any] = {}
+    for path in CASE_FILES:
+        if path.stem.startswith(f"{mode}_"):
+            users.update({k: v for k, v in load(path).users.items() if v is not None})
+    return users
+
+
+def users_file(tmp_path: Path, users: dict[str, Any]) -> str:
+    path = tmp_path / "users.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps({"key": k, **v}) for k, v in users.items()))
+    return str(path)
+
+
 def changes(lines: list[str]) -> dict[str, int]:
     found = {}
     for line in lines:
@@ -377,7 +420,8 @@ def test_cli_replays_the_committed_cases_unchanged(
     mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = cases_of(mode)
-    code, lines = replay_cli(capsys, *files, *policy_flags(tmp_path, mode))
+    users = users_file(tmp_path, users_of(mode))
+    code, lines = replay_cli(capsys, *files, *policy_flags(tmp_path, mode), "--users", users)
     assert code == 0, lines
     assert lines[-1] == (
         f"replayed {len(files)} of {len(files)} requests (clock: recorded):"
@@ -394,7 +438,10 @@ def test_cli_shows_exactly_what_a_policy_change_changes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Soft mode, and the internal key no longer configured.
-    code, lines = replay_cli(capsys, *cases_of("plain"), "--account", "APP", "--mode", "soft")
+    users = users_file(tmp_path, users_of("plain"))
+    code, lines = replay_cli(
+        capsys, *cases_of("plain"), "--account", "APP", "--mode", "soft", "--users", users
+    )
     assert code == 1
     assert changes(lines) == {
         "admit:internal@APP -> admit:would_deny@APP": 1,
@@ -406,19 +453,18 @@ def test_cli_shows_exactly_what_a_policy_change_changes(
     assert sorted(line.split()[1] for line in changed) == sorted([internal_key, unknown_key])
 
 
-def test_cli_users_file_replaces_the_cases_users(
+def test_cli_users_file_answers_the_lookups(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    users: dict[str, Any] = {}
-    for path in CASE_FILES:
-        if path.stem.startswith("plain_"):
-            users.update({k: v for k, v in load(path).users.items() if v is not None})
+    users = users_of("plain")
     alice = next(iter(case_named("plain_known_natspy").users))
     users[alice] = {**users[alice], "revoked": True}
-    users_file = tmp_path / "users.jsonl"
-    users_file.write_bytes(b"\n".join(orjson.dumps({"key": k, **v}) for k, v in users.items()))
     code, lines = replay_cli(
-        capsys, *cases_of("plain"), *policy_flags(tmp_path, "plain"), "--users", str(users_file)
+        capsys,
+        *cases_of("plain"),
+        *policy_flags(tmp_path, "plain"),
+        "--users",
+        users_file(tmp_path, users),
     )
     assert code == 1
     assert changes(lines) == {"admit:admit@APP -> deny:revoked": 1}
@@ -430,7 +476,10 @@ def test_cli_at_now_judges_each_request_valid_as_recorded(
     """The policy's clock is now; a request's own (exp, nbf, the replay window) stays the
     recorded arrival: a recorded request is not "expired" for having been recorded."""
     files = cases_of("encrypted")
-    code, lines = replay_cli(capsys, *files, *policy_flags(tmp_path, "encrypted"), "--at", "now")
+    users = users_file(tmp_path, users_of("encrypted"))
+    code, lines = replay_cli(
+        capsys, *files, *policy_flags(tmp_path, "encrypted"), "--at", "now", "--users", users
+    )
     assert code == 0, lines
     assert lines[-1].endswith(f"(clock: now): {len(files)} unchanged, 0 changed, 0 skipped")
 
@@ -440,10 +489,13 @@ def test_the_request_clock_and_the_policy_clock_are_apart() -> None:
     case = case_named("plain_unknown")
     later = case.received_at + 86400
     authorizer = Authorizer(policy(encrypted=False))
-    opened = authorizer.open(case.payload, None, later, valid_at=case.received_at)
-    assert not isinstance(opened, Decision), opened
+    started = authorizer.start(case.payload, None, later, valid_at=case.received_at)
+    assert isinstance(started, Pending), started
+    opened = started.request
     assert opened.opened_at == later
-    decision = authorizer.decide(opened, replay.answer({}, opened.client_key))
+    decision = authorizer.resume(
+        started, replay.answer({}, opened.client_key), None, later
+    ).decision
     assert decision.reason == "unknown_user"
     # The failure was counted at the policy's clock, not at the request's.
     assert authorizer.failures_by_key._buckets[opened.client_key][1] == later

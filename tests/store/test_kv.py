@@ -1,7 +1,8 @@
-"""KV writes (`callout users add/revoke/import`) against a real nats-server: a write that found
-no stream is sent again, because no responders means nothing was stored; any other outcome
-is reported as it is, never sent twice. Creating the bucket: a create whose answer was lost
-is judged by whether the bucket exists, and the CLI says what failed in one line."""
+"""KV writes (`callout users add/revoke/import`, the shared replay record) against a real
+nats-server: a write that found no stream is sent again, because no responders means nothing
+was stored; any other outcome is reported as it is, never sent twice. Creating either bucket:
+a create whose answer was lost is judged by whether the bucket exists, and the CLI says what
+failed in one line."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from typing import Any
 import nats.errors
 import pytest
 from nats.js.client import JetStreamContext
-from nats.js.kv import KeyValue
 
-from callout import migrate
 from callout.cli import main
+from callout.commands import users
 from callout.store import StoreError
 from callout.store import kv as kvstore
+from callout.store.seen import SEEN, SeenRecord
 from tests.harness import Keys, nats_connect, new_user
 from tests.service import seed_files, users_bucket
 
@@ -29,25 +30,22 @@ def _no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kvstore, "_NO_RESPONDERS_WAIT", 0)
 
 
-def unbound(nc: Any, bucket: str = "users") -> KeyValue:
-    """A nats-py KeyValue handle for a bucket that need not exist (key_value() checks)."""
-    return KeyValue(
-        name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=nc.jetstream(), direct=False
-    )
+def once(nc: Any, key: str, value: bytes, revision: int = 0) -> Awaitable[bool]:
+    """One attempt of the conditional write, to a bucket that need not exist."""
+    return kvstore._put_once(nc, "users", key, value, revision, 5.0)
 
 
 async def test_a_write_that_found_no_stream_is_sent_again(nats_server: Any, keys: Keys) -> None:
     nc = await nats_connect(nats_server().url, keys.service_seed)
-    handle = unbound(nc)
     _, alice = new_user()
     attempts = 0
 
-    async def write() -> object:
+    async def write() -> bool:
         nonlocal attempts
         attempts += 1
         if attempts == 3:
             await users_bucket(nc)  # the stream appears after two writes found nobody
-        return await handle.create(alice, b"v")
+        return await once(nc, alice, b"v")
 
     try:
         assert await kvstore._written(write)
@@ -63,12 +61,11 @@ async def test_no_stream_at_all_is_a_store_error_after_the_retries(
     nc = await nats_connect(nats_server().url, keys.service_seed)
     _, alice = new_user()
     attempts = 0
-    handle = unbound(nc)
 
-    async def write() -> object:
+    async def write() -> bool:
         nonlocal attempts
         attempts += 1
-        return await handle.create(alice, b"v")
+        return await once(nc, alice, b"v")
 
     try:
         with pytest.raises(StoreError, match="no stream answered the write"):
@@ -82,12 +79,12 @@ async def test_a_failed_revision_check_is_false_after_one_attempt(
     nats_server: Any, keys: Keys
 ) -> None:
     nc = await nats_connect(nats_server().url, keys.service_seed)
-    kv = await users_bucket(nc)
+    await users_bucket(nc)
     _, alice = new_user()
     attempts = 0
 
-    def counted(write: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[object]]:
-        def run() -> Awaitable[object]:
+    def counted(write: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[bool]]:
+        def run() -> Awaitable[bool]:
             nonlocal attempts
             attempts += 1
             return write()
@@ -95,12 +92,30 @@ async def test_a_failed_revision_check_is_false_after_one_attempt(
         return run
 
     try:
-        assert await kvstore.create_key(kv, alice, b"first")
-        assert not await kvstore._written(counted(lambda: kv.create(alice, b"second")))
-        assert not await kvstore._written(counted(lambda: kv.update(alice, b"third", last=7)))
+        assert await kvstore.create(nc, "users", alice, b"first")
+        assert not await kvstore._written(counted(lambda: once(nc, alice, b"second")))
+        assert not await kvstore._written(counted(lambda: once(nc, alice, b"third", 7)))
         assert attempts == 2
-        assert await kvstore.update_key(kv, alice, b"fourth", revision=1)
+        assert not await kvstore.create(nc, "users", alice, b"again")
+        assert await kvstore.update(nc, "users", alice, b"fourth", revision=1)
         assert await kvstore.KVStore(nc).get_entry(alice) == (b"fourth", 2)
+    finally:
+        await nc.close()
+
+
+async def test_a_deleted_key_is_created_again_over_its_delete_marker(
+    nats_server: Any, keys: Keys
+) -> None:
+    # `users add` after the record was deleted (with the nats CLI): the key has no live value.
+    nc = await nats_connect(nats_server().url, keys.service_seed)
+    kv = await users_bucket(nc)
+    _, alice = new_user()
+    try:
+        assert await kvstore.create(nc, "users", alice, b"first")
+        await kv.delete(alice)
+        assert await kvstore.KVStore(nc).get_entry(alice) is None
+        assert await kvstore.create(nc, "users", alice, b"second")
+        assert await kvstore.KVStore(nc).get_entry(alice) == (b"second", 3)
     finally:
         await nc.close()
 
@@ -141,16 +156,29 @@ def lose_create_answers(monkeypatch: pytest.MonkeyPatch, *, create: bool) -> lis
     return calls
 
 
+@pytest.mark.parametrize("kind", [kvstore.USERS, SEEN], ids=["users", "replay"])
 async def test_a_create_whose_answer_was_lost_finds_the_bucket_made(
-    nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+    kind: kvstore.BucketKind, nats_server: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     nc = await nats_connect(nats_server().url, keys.service_seed)
     calls = lose_create_answers(monkeypatch, create=True)
+    bucket = "users" if kind is kvstore.USERS else "replay"
     try:
-        await kvstore.ensure_bucket(nc, "users", None)
-        assert calls == ["KV_users"]
-        info = await kvstore.bucket_info(nc, "users")
-        assert info is not None and info.config.max_msgs_per_subject == kvstore.HISTORY
+        if kind is kvstore.USERS:
+            await kvstore.ensure_bucket(nc, bucket, None)
+        else:
+            await SeenRecord(nc, bucket).ensure(None)
+        assert calls == [f"KV_{bucket}"]
+        info = await kvstore.bucket_info(nc, bucket, kind)
+        assert info is not None
+        if kind is kvstore.USERS:
+            assert info.config.max_msgs_per_subject == kvstore.HISTORY
+        else:
+            assert (info.config.max_msgs_per_subject, info.config.max_age) == (1, 120.0)
+            # And it records: the first sight of a request is new, the second is not.
+            record = SeenRecord(nc, bucket)
+            assert await record.first_sight("NSERVER", "UKEY", "nonce")
+            assert not await record.first_sight("NSERVER", "UKEY", "other")
     finally:
         await nc.close()
 
@@ -200,7 +228,7 @@ def test_a_nats_failure_no_command_mapped_is_one_line_too(
     async def timed_out(*_: object) -> object:
         raise nats.errors.TimeoutError
 
-    monkeypatch.setattr(migrate, "bucket_entries", timed_out)
+    monkeypatch.setattr(users.kvstore, "entries", timed_out)
     args = ["users", "--nats-url", server.url, "--nkey-seed-file", str(files["service"]), "list"]
     assert main(args) == 1
     assert capsys.readouterr().err == "callout: error: NATS: timeout\n"
