@@ -489,7 +489,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             check(
                 name, "storm p99 s", round(v, 3), f"< {TARGET_STORM_P99_S}", v < TARGET_STORM_P99_S
             )
-        # The simple thing to beat: the naive callout (bench/naive.py) of the same run, every figure.
+        # The simple thing to beat: the naive callout (bench/naive.py) of this run, every figure.
         for kind, key, what, higher in NAIVE_FIGURES:
             ours, naive = find(name, kind), find("naive", kind)
             if ours is None or naive is None or ours[key] is None or naive[key] is None:
