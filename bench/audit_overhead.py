@@ -12,7 +12,7 @@ Scenarios, each a `callout serve` subprocess on its own fresh nats-server (JetSt
              buffer overflows (the worst case: a JetStream that hangs).
 Each scenario runs `--connects` sequential connects (latency a lone client sees), then the same
 number at `--concurrency` (throughput). Clients speak the protocol by hand
-(tests.harness.raw_connect). Prints client-side p50/p99, connects per second, the service's own
+(tests.support.nats.raw_connect). Prints client-side p50/p99, connects per second, the service's own
 mean decision latency (from /metrics), audit messages published and lost, and ratios to `off`.
 """
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.sequential import pct
-from tests.harness import Keys, NatsServer, make_keys, nats_connect, new_user, raw_connect
-from tests.operate import samples, scrape
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.nats import Keys, NatsServer, make_keys, nats_connect, new_user, raw_connect
+from tests.support.operate import samples, scrape
+from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
 
 SCENARIOS = ("off", "healthy", "no_stream", "silent")
 # A subscriber on the audit subjects that never answers: publishes find interest, so no

@@ -17,8 +17,8 @@ import tracemalloc
 from pathlib import Path
 
 from callout.store.watch import WatchedStore
-from tests.harness import NatsServer, make_keys, nats_connect, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import NatsServer, make_keys, nats_connect, new_user
+from tests.support.service import record, users_bucket
 
 
 async def main() -> None:

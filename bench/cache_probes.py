@@ -29,8 +29,8 @@ import orjson
 from nats.aio.client import Client
 
 from callout.store.watch import WatchedStore
-from tests.harness import NatsServer, make_keys, nats_connect, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import NatsServer, make_keys, nats_connect, new_user
+from tests.support.service import record, users_bucket
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

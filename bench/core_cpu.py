@@ -3,7 +3,7 @@ memory: open, decide and respond), no I/O.
 
     .venv/bin/python -m bench.core_cpu [--requests 5000] [--xkey] [--profile]
 
-Requests are forged like nats-server's (tests/unit/forge.py) with one record per client.
+Requests are forged like nats-server's (tests/support/forge.py) with one record per client.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 
 from callout.decision import Answer, Authorizer
-from tests.harness import Keys, make_keys
-from tests.service import policy_for, record
-from tests.unit.forge import ClientKey, Forged, ServerIdentity, forge_request
+from tests.support.forge import ClientKey, Forged, ServerIdentity, forge_request
+from tests.support.nats import Keys, make_keys
+from tests.support.service import policy_for, record
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 import orjson
 
 from callout import migrate
-from tests.harness import NatsServer, make_keys, nats_connect, new_user
-from tests.service import callout_cmd, seed_files
+from tests.support.nats import NatsServer, make_keys, nats_connect, new_user
+from tests.support.service import callout_cmd, seed_files
 
 
 @dataclass

@@ -283,7 +283,7 @@ def limit_config(port: int, users: Sequence[str], extra: str = "") -> str:
 
 
 async def cross_check(connects: int, per_connect: float) -> int:
-    from tests.harness import NatsServer, free_port, new_user
+    from tests.support.nats import NatsServer, free_port, new_user
 
     allowed = [new_user() for _ in range(10)]
     unknown = [new_user() for _ in range(5)]

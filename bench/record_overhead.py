@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.record_overhead [--requests 5000] [--xkey] [--dir DIR]
 
-Requests are forged like nats-server's (tests/unit/forge.py). Measured per request, in CPU
+Requests are forged like nats-server's (tests/support/forge.py). Measured per request, in CPU
 time of the calling thread (the event loop's, in the service):
   core          Authorizer.start, the record in memory (what the service does anyway: the
                 baseline);

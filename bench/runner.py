@@ -55,8 +55,8 @@ from typing import Any
 
 from bench.loadgen import ADMITTED, Identity, Result, connect_once, identities, limit_config
 from bench.loadgen import run as load
-from tests.harness import Keys, NatsServer, free_port, make_keys, nats_connect, new_user
-from tests.service import record, seed_files, serve_args, users_bucket
+from tests.support.nats import Keys, NatsServer, free_port, make_keys, nats_connect, new_user
+from tests.support.service import record, seed_files, serve_args, users_bucket
 
 SCENARIOS = ("LIMIT", "naive", "plain", "xkey")
 # Not in the default run: the naive callout under uvloop (how much of the lead is the loop's),

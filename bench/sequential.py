@@ -6,7 +6,7 @@ Scenarios, each on its own fresh nats-server on loopback:
   LIMIT   the same users as static nkey users in the server config (no callout at all);
   plain   `callout serve` (a subprocess) with the users in a real KV bucket;
   xkey    the same, with xkey encryption on.
-Clients speak the NATS protocol by hand (tests.harness.raw_connect: INFO, sign the nonce,
+Clients speak the NATS protocol by hand (tests.support.nats.raw_connect: INFO, sign the nonce,
 CONNECT, PING, wait for PONG), one at a time, so the figure is the latency a single
 connecting client sees. Prints p50/p90/p99, connects per second and ratios to LIMIT.
 """
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness import (
+from tests.support.nats import (
     Keys,
     NatsServer,
     free_port,
@@ -29,7 +29,7 @@ from tests.harness import (
     new_user,
     raw_connect,
 )
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
 
 
 def limit_config(port: int, users: list[str]) -> str:

@@ -29,7 +29,7 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,20 +39,19 @@ import pytest
 from nats.aio.msg import Msg
 
 from callout.decision import Decision
-from tests.cli import wait_logged
-from tests.conftest import ServerFactory
-from tests.harness import (
+from tests.support.hostile import HOSTILE, Case, auth_account_body, hostile_account_body, load_all
+from tests.support.hygiene import KNOWN_LEAKS, scan
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
+    ServerFactory,
     decode_curve_public,
     decode_curve_seed,
     nats_connect,
     new_user,
     raw_connect,
 )
-from tests.hostile import Case, load_all
-from tests.hostile.test_corpus_wire import HOSTILE, auth_account_body, hostile_account_body
-from tests.service import (
+from tests.support.service import (
     InProcess,
     Subprocess,
     record,
@@ -62,30 +61,8 @@ from tests.service import (
     spawn,
     start_in_process,
     users_bucket,
+    wait_logged,
 )
-
-KNOWN_LEAKS: set[str] = set()
-SEED = re.compile(r"S[OANCUX][A-Z2-7]{56}")
-JWT = re.compile(r"eyJ")
-# A signature is 86 (RawURL) or 88 (padded standard) characters of one base64 alphabet. Runs
-# are taken per alphabet so that a file path (which mixes '/' with '-' or '_') is not one.
-B64_RUNS = (re.compile(r"[A-Za-z0-9+/]{80,}={0,2}"), re.compile(r"[A-Za-z0-9_-]{80,}"))
-# A sealed payload starts with b"xkv1" and a random nonce. The word itself in the core's fixed
-# detail texts ("payload is not an xkv1 box") names the format and is followed by a space.
-XKV = re.compile(r"xkv1(?! )")
-
-
-def scan(text: str, secrets: Iterable[str] = ()) -> list[str]:
-    """Every place `text` shows something that must never be logged."""
-    found = [f"seed {m.group()[:6]}... at {m.start()}" for m in SEED.finditer(text)]
-    found += [
-        f"JWT at {m.start()}: {text[m.start() : m.start() + 24]!r}" for m in JWT.finditer(text)
-    ]
-    for pattern in B64_RUNS:
-        found += [f"base64 run of {len(m.group())} at {m.start()}" for m in pattern.finditer(text)]
-    found += [f"xkv1 at {m.start()}" for m in XKV.finditer(text)]
-    found += [f"known secret {s[:6]}..." for s in sorted(secrets) if s and s in text]
-    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,11 +27,10 @@ import pytest
 from nats.aio.client import Client as NATSClient
 from nats.js.api import StreamConfig
 
-from tests.cli import kill_quietly, wait_logged
-from tests.conftest import ServerFactory
-from tests.harness import (
+from tests.support.nats import (
     Keys,
     NatsServer,
+    ServerFactory,
     auth_errors,
     curve_public_from_seed,
     free_port,
@@ -40,8 +39,9 @@ from tests.harness import (
     next_event,
     raw_connect,
 )
-from tests.service import (
+from tests.support.service import (
     APP,
+    kill_quietly,
     live_keys,
     record,
     run_cli,
@@ -49,6 +49,7 @@ from tests.service import (
     serve_args,
     spawn,
     users_bucket,
+    wait_logged,
 )
 
 # A correct CLI answers every one of these in well under a second of work; the bound only

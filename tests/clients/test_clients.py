@@ -1,4 +1,4 @@
-"""nats.go and the JS client through callout (see tests/clients/__init__.py): admitted; denied
+"""nats.go and the JS client through callout (see tests/support/clients.py): admitted; denied
 (the client sees `Authorization Violation`, the service logged the actionable reason); a
 publish outside the record's allow list refused by the server; and a connection kicked by a
 revocation, whose automatic reconnect the callout denies."""
@@ -15,10 +15,9 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from tests.clients import Client
-from tests.clients.conftest import Deployment
-from tests.harness import AUTH_SUBJECT, nats_connect, new_user
-from tests.service import record, users_bucket, write_seed
+from tests.support.clients import Client, Deployment
+from tests.support.nats import AUTH_SUBJECT, nats_connect, new_user
+from tests.support.service import record, users_bucket, write_seed
 
 
 def events(output: str) -> list[dict[str, Any]]:

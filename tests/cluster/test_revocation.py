@@ -12,16 +12,14 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.cluster import (
+from tests.support.cluster import (
     admin_connection,
-    cluster_serve_args,
     create_users_bucket,
     running_cluster,
     start_replicas,
 )
-from tests.harness import Keys, new_user, raw_connect
-from tests.lifecycle.conftest import closed
-from tests.service import record, run_cli, seed_files, users_bucket, write_seed
+from tests.support.nats import Keys, closed, new_user, raw_connect
+from tests.support.service import record, run_cli, seed_files, serve_args, users_bucket, write_seed
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +38,7 @@ async def test_revoke_closes_sessions_on_every_node_within_1s(tmp_path: Path, ke
             kv = await users_bucket(nc)
             await kv.put(alice, record("alice"))
             await kv.put(bob, record("bob"))
-            args = cluster_serve_args(
-                cluster, files, "--system-nkey-seed-file", str(files["system"])
-            )
+            args = serve_args(cluster.urls, files, "--system-nkey-seed-file", str(files["system"]))
             replicas = await start_replicas(args)
             await asyncio.gather(*(r.await_event("users_cache_live") for r in replicas))
             # Two connections of alice through each node, one of bob.

@@ -14,18 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.cluster import (
+from tests.support.cluster import (
     admin_connection,
-    cluster_serve_args,
     connect_via,
     create_users_bucket,
     decisions,
     running_cluster,
     start_replicas,
-    until,
 )
-from tests.harness import Keys, new_user
-from tests.service import APP, record, run_cli, seed_files, users_bucket
+from tests.support.nats import Keys, new_user
+from tests.support.service import APP, record, run_cli, seed_files, serve_args, users_bucket
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,7 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
             await kv.put(alice, record("alice", pub_allow=["orders.>"], sub_allow=["_INBOX.>"]))
             await kv.put(root, record("root", admin=True))
             await kv.put(revoked, record("gone", revoked=True))
-            replicas = await start_replicas(cluster_serve_args(cluster, files))
+            replicas = await start_replicas(serve_args(cluster.urls, files))
 
             cases = [
                 (alice_seed, alice, True, "admit"),
@@ -69,7 +68,7 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
                     server_ids.add(result.info["server_id"])
                     expected.append((public, reason))
 
-            await until(lambda: len(decisions(replicas)) == len(expected))
+            await eventually(lambda: len(decisions(replicas)) == len(expected))
             lines = decisions(replicas)
             assert sorted((d["client"], d["reason"]) for d in lines) == sorted(expected)
             assert {d["account"] for d in lines if d["decision"] == "admit"} == {APP}
@@ -92,7 +91,7 @@ async def test_user_added_and_revoked_through_node_1_applies_through_node_3(
         first, third = cluster.nodes[0], cluster.nodes[2]
         service_seed = str(files["service"])
         users_via_first = ["users", "--nats-url", first.url, "--nkey-seed-file", service_seed]
-        replicas = await start_replicas(cluster_serve_args(cluster, files))
+        replicas = await start_replicas(serve_args(cluster.urls, files))
         try:
             before = await connect_via(third, bob_seed)
             assert not before.admitted
@@ -109,7 +108,7 @@ async def test_user_added_and_revoked_through_node_1_applies_through_node_3(
             assert not after_revoke.admitted
             assert after_revoke.error == "Authorization Violation"
 
-            await until(lambda: len(decisions(replicas)) == 3)
+            await eventually(lambda: len(decisions(replicas)) == 3)
             lines = sorted(decisions(replicas), key=lambda d: float(d["ts"]))
             assert [(d["client"], d["reason"]) for d in lines] == [
                 (bob, "unknown_user"),

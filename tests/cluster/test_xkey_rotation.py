@@ -33,17 +33,16 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from tests.cluster.cluster import (
+from tests.support.cluster import (
     Cluster,
     admin_connection,
-    cluster_serve_args,
     connect_via,
     create_users_bucket,
     decisions,
     running_cluster,
     start_replicas,
 )
-from tests.harness import (
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
     NatsServer,
@@ -53,7 +52,14 @@ from tests.harness import (
     new_curve,
     new_user,
 )
-from tests.service import Subprocess, record, seed_files, users_bucket, write_seed
+from tests.support.service import (
+    Subprocess,
+    record,
+    seed_files,
+    serve_args,
+    users_bucket,
+    write_seed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +176,7 @@ async def test_xkey_rotation_node_by_node_admits_throughout(
 
             await nc.subscribe(AUTH_SUBJECT, cb=on_request)
             await nc.flush()
-            both = cluster_serve_args(cluster, files, xkeys=[seed_a, seed_b])
+            both = serve_args(cluster.urls, files, xkeys=[seed_a, seed_b])
             replicas = await start_replicas(both)
             every_replica += replicas
 
@@ -186,7 +192,7 @@ async def test_xkey_rotation_node_by_node_admits_throughout(
                 for node in cluster.nodes:
                     await prober.admit(node)
 
-            only_b = cluster_serve_args(cluster, files, xkeys=[seed_b])
+            only_b = serve_args(cluster.urls, files, xkeys=[seed_b])
             for k, old in enumerate(replicas):
                 replicas[k] = await replace_replica(old, only_b, every_replica)
             for node in cluster.nodes:

@@ -28,16 +28,16 @@ from callout.cli import parser
 from callout.commands.keys import KEY_FILES
 from callout.config import env_name
 from callout.keys import KeyKind, load_curve_key, load_signing_key
-from tests.deploy.compose import (
+from tests.support.compose import (
     BIN,
     GENERATED,
     REPO,
     copy_checkout,
     load_compose,
+    locked,
     referenced_files,
     run_setup,
 )
-from tests.deploy.test_dockerfile import locked
 
 NODES = ("nats-1", "nats-2", "nats-3")
 SEED_TEXT = re.compile(r"S[AUXNOC][A-Z2-7]{56}")

@@ -20,10 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import SERVICE_ERROR
-from tests.harness import Keys, auth_errors, nats_connect, new_user, next_event, raw_connect
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.admission import SERVICE_ERROR
+from tests.support.nats import (
+    Keys,
+    ServerFactory,
+    auth_errors,
+    nats_connect,
+    new_user,
+    next_event,
+    raw_connect,
+)
+from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
 
 # Debian's faketime package: the library itself, preloaded into the service process. (Its
 # `faketime` wrapper runs the program as a child it does not pass signals to, so stopping the

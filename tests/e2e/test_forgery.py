@@ -14,10 +14,17 @@ from typing import Literal
 import pytest
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import deployment, expect_denied, jwt_claims, user_info
-from tests.harness import AUTH_SUBJECT, Keys, nats_connect, new_account, new_user, raw_connect
-from tests.service import APP, record
+from tests.support.admission import deployment, expect_denied, jwt_claims, user_info
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    Keys,
+    ServerFactory,
+    nats_connect,
+    new_account,
+    new_user,
+    raw_connect,
+)
+from tests.support.service import APP, record
 
 
 async def test_legit_clients_admitted_with_either_sig_encoding(

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from callout.decision import Decision
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import SERVICE_ERROR, deployment
-from tests.harness import Keys, NatsServer, free_port, new_user
+from tests.support.admission import SERVICE_ERROR, deployment
+from tests.support.nats import Keys, NatsServer, ServerFactory, free_port, new_user
 
 
 def leaf(workdir: Path, hub_leaf_port: int, seed: str) -> NatsServer:

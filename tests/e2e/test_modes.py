@@ -18,8 +18,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from callout.records import Permissions, Rules
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import (
+from tests.support.admission import (
     USER_INFO,
     deployment,
     expect_denied,
@@ -28,8 +27,8 @@ from tests.e2e.test_admission import (
     perms,
     user_info,
 )
-from tests.harness import Keys, nats_connect, new_user
-from tests.service import APP, record
+from tests.support.nats import Keys, ServerFactory, nats_connect, new_user
+from tests.support.service import APP, record
 
 SOFT_DEFAULTS = Permissions(
     pub=Rules(allow=(USER_INFO, "soft.>"), deny=("soft.secret",)),

@@ -6,16 +6,15 @@ identity by key"; "Fail closed"). A normal user is denied at once with `store_un
 
 from __future__ import annotations
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import (
+from tests.support.admission import (
     AUTH_VIOLATION,
     Deployment,
     deployment,
     expect_denied,
     user_info,
 )
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.service import APP, record, users_bucket
+from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.service import APP, record, users_bucket
 
 #: The fast-deny bound the issue asks for while the store is down.
 FAST_DENY = 0.5

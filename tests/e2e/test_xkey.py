@@ -15,10 +15,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import denied, deployment, expect_denied, granted, perms, user_info
-from tests.harness import AUTH_SUBJECT, Keys, nats_connect, new_curve, new_user
-from tests.service import APP, record
+from tests.support.admission import denied, deployment, expect_denied, granted, perms, user_info
+from tests.support.nats import AUTH_SUBJECT, Keys, ServerFactory, nats_connect, new_curve, new_user
+from tests.support.service import APP, record
 
 XKEY_HEADER = "Nats-Server-Xkey"
 #: The server's reason for an empty response body (docs/protocol.md §3, check 1).

@@ -1,7 +1,7 @@
 """The users stream's leader is killed (SIGKILL) in a three-node cluster with an R3 bucket,
 alone and under a connect storm (2,000 connects in flight).
 
-The cluster comes from `tests/cluster/cluster.py`. The service and the probing clients use
+The cluster comes from `tests/support/cluster.py`. The service and the probing clients use
 only the two nodes that survive, so the service's own connection is never cut and every
 request reaches it: what is measured is the store failing over under it. JetStream needs
 about 5 s to elect a new leader (nats-server 2.15.1); meanwhile the users cache answers from
@@ -30,21 +30,19 @@ from typing import Any
 import nats.errors
 import pytest
 
-from tests.cluster.cluster import admin_connection, create_users_bucket, running_cluster
-from tests.faults.rig import FAULT_FLAGS
-from tests.faults.scenario import (
+from tests.support.cluster import admin_connection, create_users_bucket, running_cluster
+from tests.support.nats import Keys, new_user
+from tests.support.rig import BOUND, FAULT_FLAGS, KNOWN_LOOPS, storm
+from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import (
     Outcome,
     Probes,
     Tally,
     Users,
     Witness,
     attempt,
-    eventually,
-    serve_cmd,
 )
-from tests.faults.test_consistency import BOUND, KNOWN_LOOPS, storm
-from tests.harness import Keys, new_user
-from tests.service import record, seed_files, spawn, users_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +74,7 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, lo
             await kv.put(seen, record("seen", admin=True))
             leader = await cluster.stream_leader(nc)
             first, second = (cluster.nodes[i] for i in range(3) if i != leader)
-            svc = spawn(serve_cmd(first.url, files, *FAULT_FLAGS))
+            svc = spawn(serve_args(first.url, files, *FAULT_FLAGS))
             await svc.await_event("ready")
             await svc.await_event("users_cache_live", users=4)
             witness = await Witness.open(second.url, keys)

@@ -23,78 +23,31 @@ contract is not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
 import orjson
 import pytest
-from nats.aio.client import Client
 
-from tests.conftest import ServerFactory
-from tests.faults.rig import Rig, rig
-from tests.faults.scenario import Outcome, Probes, Tally, eventually
-from tests.harness import Keys, new_user
-from tests.service import Subprocess, record, users_bucket
+from tests.support.nats import Keys, ServerFactory
+from tests.support.rig import BOUND, KNOWN_LOOPS, Rig, rig, storm
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import (
+    Outcome,
+    Probes,
+    Tally,
+)
 
 pytestmark = pytest.mark.slow
 
-#: The contract: denied within 100 ms of losing the store.
-BOUND = 0.1
-#: Connects the storm keeps in flight.
-IN_FLIGHT = 2000
-#: Known-user loops running at once: under a storm each attempt takes long, so more loops.
-KNOWN_LOOPS = {False: 4, True: 24}
 #: Attempts of the known user that must have started past the bound before the test ends.
 PAST_BOUND = 8
-#: The storm's own users (admitted, from the cache).
-STORM_USERS = 50
 SYS_USER = ("sys", "pw")
-
-
-@contextlib.asynccontextmanager
-async def storm(
-    admin: Client, svc: Subprocess | None, url: str, tmp_path: Path, on: bool
-) -> AsyncIterator[None]:
-    """`IN_FLIGHT` connects at a time to `url` by admitted users, for as long as the block
-    runs; `svc` is the service they reach."""
-    if not on:
-        yield
-        return
-    assert svc is not None
-    kv = await users_bucket(admin)
-    seeds = []
-    for i in range(STORM_USERS):
-        seed, pub = new_user()
-        await kv.put(pub, record(f"storm{i}", admin=True))
-        seeds.append(seed)
-    seed_file = tmp_path / "storm-seeds.txt"
-    seed_file.write_text("\n".join(seeds) + "\n")
-    before = len(svc.lines)
-    load = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.loadgen",
-        "--url", url,
-        "--seed-file", str(seed_file),
-        "--connects", "100000000",
-        "--concurrency", str(IN_FLIGHT),
-        "--timeout", "10",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        # Under way: the service has decided a thousand of the storm's connects.
-        await eventually(lambda: len(svc.lines) - before > 1000, 30)
-        yield
-        assert load.returncode is None, "the storm ended before the measurement did"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            load.kill()
-        await load.wait()
 
 
 async def measured(

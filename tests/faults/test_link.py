@@ -19,19 +19,18 @@ from typing import Literal
 
 import pytest
 
-from tests.conftest import ServerFactory
-from tests.faults.proxy import FaultProxy
-from tests.faults.rig import rig
-from tests.faults.scenario import (
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
+from tests.support.proxy import FaultProxy
+from tests.support.rig import rig
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import (
     BACKEND_TIMEOUT,
     CACHE_STALENESS,
     Probes,
     Tally,
-    eventually,
     tried,
 )
-from tests.harness import Keys, NatsServer, new_user
-from tests.service import record, users_bucket
 
 RECOVER_WITHIN = 10.0
 #: Past --backend-timeout and the users cache's window (80 ms), so the cache stops answering

@@ -18,13 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_replicas import watch
-from tests.faults.proxy import FaultProxy
-from tests.faults.rig import rig
-from tests.faults.scenario import Outcome, Probes, Tally, attempt, eventually, tried
-from tests.harness import Keys, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, ServerFactory, new_user
+from tests.support.proxy import FaultProxy
+from tests.support.rig import rig
+from tests.support.service import record, users_bucket, watch
+from tests.support.wait import eventually
+from tests.support.witness import (
+    Outcome,
+    Probes,
+    Tally,
+    attempt,
+    tried,
+)
 
 RECOVER_WITHIN = 10.0
 #: Lookups held back this long: requests stay in flight, and still succeed.

@@ -12,9 +12,8 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.faults.proxy import FaultProxy
-from tests.harness import Keys, nats_connect
+from tests.support.nats import Keys, ServerFactory, nats_connect
+from tests.support.proxy import FaultProxy
 
 JS_INFO = "$JS.API.INFO"
 

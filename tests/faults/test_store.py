@@ -14,11 +14,15 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.conftest import ServerFactory
-from tests.faults.rig import rig
-from tests.faults.scenario import Probes, Tally, eventually, tried
-from tests.harness import Keys, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, ServerFactory, new_user
+from tests.support.rig import rig
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import (
+    Probes,
+    Tally,
+    tried,
+)
 
 #: How long the service may take to admit the known user once the store is back.
 RECOVER_WITHIN = 10.0

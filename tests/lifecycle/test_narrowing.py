@@ -17,9 +17,15 @@ from callout.revocation import Revoker
 from callout.service import CalloutService
 from callout.store.kv import KVStore
 from callout.store.watch import WatchedStore
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.lifecycle.conftest import closed
-from tests.service import policy_for, record, serve_args, spawn, users_bucket, watch_connection
+from tests.support.nats import Keys, closed, nats_connect, new_user, raw_connect
+from tests.support.service import (
+    policy_for,
+    record,
+    serve_args,
+    spawn,
+    users_bucket,
+    watch_connection,
+)
 
 
 async def test_narrowing_a_record_closes_its_sessions_and_widening_does_not(

@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.lifecycle.conftest import closed
-from tests.service import record, run_cli, seed_files, serve_args, spawn, users_bucket
+from tests.support.nats import Keys, closed, nats_connect, new_user, raw_connect
+from tests.support.service import record, run_cli, seed_files, serve_args, spawn, users_bucket
 
 
 async def test_revoke_closes_live_connections_within_1s(revocation_setup: Any, keys: Keys) -> None:

@@ -6,10 +6,16 @@ admitted: that is the degraded state the body names.
 
 from __future__ import annotations
 
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.operate import Http, http_get, operated, scrape, until, value
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.operate import (
+    Http,
+    http_get,
+    operated,
+    scrape,
+    value,
+)
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
 
 
 async def readyz_becomes(port: int, status: int) -> Http:
@@ -19,7 +25,7 @@ async def readyz_becomes(port: int, status: int) -> Http:
         seen.append(await http_get(port, "/readyz"))
         return seen[-1].status == status
 
-    await until(check)
+    await eventually(check)
     return seen[-1]
 
 

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.operate import http_get, scrape, until, value
-from tests.operate.test_discovery import gather
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
-from tests.test_log_hygiene import scan
+from tests.support.hygiene import scan
+from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.operate import (
+    gather,
+    http_get,
+    scrape,
+    value,
+)
+from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.wait import eventually
 
 
 async def test_serve_with_metrics_audit_and_discovery(
@@ -42,7 +46,7 @@ async def test_serve_with_metrics_audit_and_discovery(
             async def ready() -> bool:
                 return (await http_get(port, "/readyz")).status == 200
 
-            await until(ready)
+            await eventually(ready)
             for who, admitted in ((seed, True), (internal_seed, True), (stranger_seed, False)):
                 result = await raw_connect(server.url, who)
                 assert result.admitted is admitted
@@ -57,7 +61,7 @@ async def test_serve_with_metrics_audit_and_discovery(
                     for d, r in expected
                 )
 
-            await until(counted)
+            await eventually(counted)
             (ping,) = await gather(admin, "$SRV.PING.callout", 1)
             assert ping["name"] == "callout"
 
@@ -66,7 +70,7 @@ async def test_serve_with_metrics_audit_and_discovery(
             async def audited() -> bool:
                 return (await js.stream_info("AUDIT")).state.messages == 3
 
-            await until(audited)
+            await eventually(audited)
             assert svc.terminate() == 0
             svc.wait_for("stopped")
         finally:

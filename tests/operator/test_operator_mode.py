@@ -24,7 +24,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.e2e.test_admission import (
+from tests.support.admission import (
     AUTH_VIOLATION,
     SERVICE_ERROR,
     granted,
@@ -32,7 +32,7 @@ from tests.e2e.test_admission import (
     perms,
     user_info,
 )
-from tests.harness import (
+from tests.support.nats import (
     AUTH_SUBJECT,
     NatsServer,
     auth_errors,
@@ -42,8 +42,8 @@ from tests.harness import (
     next_event,
     raw_connect,
 )
-from tests.operator.trust import Trust, creds_text, render_operator_config, write_secret
-from tests.service import Subprocess, record, run_cli, spawn, users_bucket
+from tests.support.service import Subprocess, record, run_cli, spawn, users_bucket
+from tests.support.trust import Trust, creds_text, render_operator_config, write_secret
 
 USER_INFO = "$SYS.REQ.USER.INFO"
 XKEY_HEADER = "Nats-Server-Xkey"

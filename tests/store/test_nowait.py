@@ -11,9 +11,8 @@ from callout.store import StoreError, WouldBlock
 from callout.store.kv import KVStore
 from callout.store.memory import MemoryStore
 from callout.store.watch import WatchedStore
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user
-from tests.service import record, users_bucket, watch_connection
+from tests.support.nats import Keys, ServerFactory, nats_connect, new_user
+from tests.support.service import record, users_bucket, watch_connection
 
 
 async def test_memory_store_blocks_only_while_delayed() -> None:

@@ -24,8 +24,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.e2e.test_admission import SERVICE_ERROR, granted, jwt_claims, perms, user_info
-from tests.harness import (
+from tests.support.admission import SERVICE_ERROR, granted, jwt_claims, perms, user_info
+from tests.support.certs import Pair, Pki, make_pki
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
     NatsServer,
@@ -36,8 +37,7 @@ from tests.harness import (
     next_event,
     render_config,
 )
-from tests.service import APP, Subprocess, run_cli, seed_files, serve_args, spawn
-from tests.tls.certs import Pair, Pki, make_pki
+from tests.support.service import APP, Subprocess, run_cli, seed_files, serve_args, spawn
 
 USER_INFO = "$SYS.REQ.USER.INFO"
 AUTH_VIOLATION = "Authorization Violation"
@@ -73,7 +73,7 @@ def tls_block(pki: Pki, *, verify: bool) -> str:
 def server_config(
     keys: Keys, port: int, workdir: Path, tls: str | None, *, jetstream: bool = True
 ) -> str:
-    """Config mode with the callout (tests.harness), plus a top-level `tls` block, and no
+    """Config mode with the callout (tests.support.nats), plus a top-level `tls` block, and no
     `authorization.timeout`: the server's default is part of what is tested."""
     config = render_config(
         port=port,

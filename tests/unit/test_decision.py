@@ -1,5 +1,6 @@
-"""callout.decision, the sans-I/O core, with requests forged like nats-server's (tests.unit.forge)
-and responses checked like nats-server checks them (nkeys/PyNaCl, not callout's own codec).
+"""callout.decision, the sans-I/O core, with requests forged like nats-server's
+(tests.support.forge) and responses checked like nats-server checks them (nkeys/PyNaCl, not
+callout's own codec).
 
 Every reason constant of `callout.decision` is reached in `test_every_reason` (and the table is
 checked against the module, so a new reason without a test fails), and then each rule gets its
@@ -29,10 +30,10 @@ from callout.decision import (
 )
 from callout.keys import CurveKey, SigningKey
 from callout.records import Permissions, Rules
-from tests.harness import Keys, make_keys, new_account, new_curve, new_user
-from tests.service import APP, policy_for, record
-from tests.unit import forge
-from tests.unit.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support import forge
+from tests.support.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support.nats import Keys, make_keys, new_account, new_curve, new_user
+from tests.support.service import APP, policy_for, record
 
 NOW = 1_800_000_000.0
 ACCOUNT = nkeys.PREFIX_BYTE_ACCOUNT
@@ -85,7 +86,8 @@ class Rig:
 
 
 def make_rig(*, xkey: bool = False, client: ClientKey | None = None, **policy: Any) -> Rig:
-    """A fresh deployment (`tests.service.policy_for`: account APP, callout account AUTH)."""
+    """A fresh deployment (`tests.support.service.policy_for`: account APP, callout account
+    AUTH)."""
     keys = make_keys()
     return Rig(
         keys,

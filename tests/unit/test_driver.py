@@ -1,7 +1,7 @@
 """The decision core's driver, `Authorizer.start` / `resume`: what finishes without I/O, what
 waits for it and says so, and that every path ends in an answer (a deny on any exception).
 
-Requests are forged like nats-server's and answers read like it reads them (tests.unit.forge).
+Requests are forged like nats-server's and answers read like it reads them (tests.support.forge).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 from callout import decision as d
 from callout.decision import Answer, Authorizer, Decision, Pending, Request
 from callout.store import StoreError, WouldBlock
-from tests.harness import make_keys
-from tests.service import APP, policy_for, record
-from tests.unit import forge
-from tests.unit.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support import forge
+from tests.support.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support.nats import make_keys
+from tests.support.service import APP, policy_for, record
 
 NOW = 1_800_000_000.0
 ALICE = record("alice", pub_allow=["a.>"])

@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import nacl.public
 import nacl.signing
 import nats
+import nats.errors
 import nkeys
 import orjson
 from nats.aio.client import Client as NATSClient
@@ -884,3 +885,25 @@ async def raw_connect(
     finally:
         if not keep:
             await conn.close()
+
+
+class ServerFactory(Protocol):
+    def __call__(
+        self, *, keys: Keys | None = None, http: bool = False, **render_kwargs: Any
+    ) -> NatsServer: ...
+
+
+# nats-io/nkeys xkeys_test.go vector (docs/protocol.md §2)
+VECTOR_SEED = "SXAAXMRAEP6JWWHNB6IKFL554IE6LZVT6EY5MBRICPILTLOPHAG73I3YX4"
+VECTOR_PUB = "XAB3NANV3M6N7AHSQP2U5FRWKKUT7EG2ZXXABV4XVXYQRJGM4S2CZGHT"
+
+
+async def closed(conn: Any, timeout: float = 5.0) -> list[bytes]:
+    """Wait for the server to close this raw connection (EOF); returns what it said last."""
+    said: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while line := await conn.reader.readline():
+            if line == b"PING\r\n":
+                conn.writer.write(b"PONG\r\n")
+            said.append(line)
+    return said

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,14 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.harness import AUTH_ERR_SUBJECT, AUTH_SUBJECT, Keys, nats_connect, new_user, raw_connect
-from tests.service import APP
+from tests.support.nats import (
+    AUTH_ERR_SUBJECT,
+    AUTH_SUBJECT,
+    Keys,
+    nats_connect,
+    new_user,
+    raw_connect,
+)
 
 #: nats-server's prefix before the service's `error` text in the auth-error event (§3 check 7).
 SERVICE_ERROR = "Auth callout service returned an error: "
@@ -334,34 +340,6 @@ class Probes:
         ]
         self.tally.relabel(early, "revoked_within_staleness")
         return len(early)
-
-
-async def eventually(
-    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float = 10.0
-) -> None:
-    """Poll a condition that has no event of its own (a count in another process's log, a
-    server's state) against a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-def serve_cmd(url: str, files: dict[str, Path], *extra: str) -> list[str]:
-    """`callout serve` args for a given URL (the proxy's, or a server's)."""
-    return [
-        "serve",
-        "--nats-url", url,
-        "--nkey-seed-file", str(files["service"]),
-        "--issuer-seed-file", str(files["issuer"]),
-        "--account", APP,
-        *extra,
-    ]  # fmt: skip
 
 
 def rss_bytes(pid: int) -> int:
