@@ -53,3 +53,10 @@ def nats_server(tmp_path: Path, keys: Keys) -> Iterator[ServerFactory]:
 # ---------------------------------------------------------------------------
 # service fixtures (callout package) go here
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(nats_server: ServerFactory) -> NatsServer:
+    """A started nats-server with the default config (JetStream, the callout, this test's keys);
+    tests that need another config call `nats_server(...)` themselves."""
+    return nats_server()

@@ -44,6 +44,7 @@ from tests.support.hygiene import KNOWN_LEAKS, scan
 from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
+    NatsServer,
     ServerFactory,
     decode_curve_public,
     decode_curve_seed,
@@ -370,9 +371,8 @@ def seed_file(directory: Path, name: str, seed: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("claimed", ["seed", "jwt"])
 async def test_a_claimed_nkey_that_is_not_a_key_is_not_logged(
-    nats_server: ServerFactory, keys: Keys, captured: Capture, claimed: str
+    server: NatsServer, keys: Keys, captured: Capture, claimed: str
 ) -> None:
-    server = nats_server()
     svc = await start_in_process(server, keys)
     seed, _ = new_user()
     # A client misconfigured with its seed in `nkey`, or one sending something JWT-shaped.
@@ -387,9 +387,8 @@ async def test_a_claimed_nkey_that_is_not_a_key_is_not_logged(
 
 
 def test_a_seed_given_as_a_key_is_not_echoed(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path)
     seed, _ = new_user()
     done = run_cli(

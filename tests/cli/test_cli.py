@@ -134,9 +134,8 @@ def test_keys_generate_writes_three_private_seeds_and_never_overwrites(tmp_path:
 # users
 # ---------------------------------------------------------------------------------------------
 async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     perms = ["--pub-allow", "orders.>", "--pub-allow", "$SYS.REQ.USER.INFO"]
@@ -171,8 +170,7 @@ async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
         await nc.close()
 
 
-async def test_users_add_admin_flag(nats_server: ServerFactory, keys: Keys, tmp_path: Path) -> None:
-    server = nats_server()
+async def test_users_add_admin_flag(server: NatsServer, keys: Keys, tmp_path: Path) -> None:
     files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     assert json_out(await acli(*users_cmd(server, files, "add", pub, "--admin")))["admin"] is True
@@ -181,9 +179,8 @@ async def test_users_add_admin_flag(nats_server: ServerFactory, keys: Keys, tmp_
 
 
 async def test_users_duplicate_add_fails_and_keeps_the_first_record(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     json_out(await acli(*users_cmd(server, files, "add", pub, "--name", "first")))
@@ -195,9 +192,8 @@ async def test_users_duplicate_add_fails_and_keeps_the_first_record(
 
 
 async def test_users_invalid_key_or_subject_is_refused_before_anything_is_written(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
@@ -225,9 +221,8 @@ async def test_users_invalid_key_or_subject_is_refused_before_anything_is_writte
 
 
 async def test_users_get_of_an_absent_key_exits_1(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     result = await acli(*users_cmd(server, files, "get", pub))
@@ -237,9 +232,8 @@ async def test_users_get_of_an_absent_key_exits_1(
 
 
 async def test_users_list_prints_one_json_object_per_line(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     assert (await acli(*users_cmd(server, files, "list"))).stdout == ""  # empty bucket
     added = {new_user()[1]: name for name in ("ann", "ben", "cat")}
@@ -255,9 +249,8 @@ async def test_users_list_prints_one_json_object_per_line(
 
 
 async def test_revoke_keeps_the_record_and_a_running_service_then_denies(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     seed, pub = new_user()
     json_out(await acli(*users_cmd(server, files, "add", pub, "--name", "rita")))
@@ -292,9 +285,8 @@ async def test_revoke_keeps_the_record_and_a_running_service_then_denies(
 
 
 async def test_revoke_of_an_absent_key_exits_1(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     result = await acli(*users_cmd(server, files, "revoke", pub))
@@ -303,9 +295,8 @@ async def test_revoke_of_an_absent_key_exits_1(
 
 
 async def test_users_creates_a_missing_bucket_with_the_requested_replicas(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
@@ -326,9 +317,8 @@ async def test_users_creates_a_missing_bucket_with_the_requested_replicas(
 
 
 async def test_users_replicas_3_on_a_single_server_fails_with_one_line(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     line = one_line_error(await acli(*users_cmd(server, files, "--replicas", "3", "list")))
     assert "replica" in line.lower()
@@ -350,9 +340,8 @@ def test_users_replicas_out_of_range_is_refused(replicas: str, tmp_path: Path) -
 
 
 async def test_a_stream_named_like_the_bucket_that_is_not_a_kv_bucket_is_a_clear_error(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
@@ -372,9 +361,8 @@ async def test_a_stream_named_like_the_bucket_that_is_not_a_kv_bucket_is_a_clear
 # flags from the environment
 # ---------------------------------------------------------------------------------------------
 async def test_users_reads_its_flags_from_the_environment(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     env = {
         "CALLOUT_NATS_URL": server.url,
@@ -563,9 +551,8 @@ def test_users_refuses_a_bad_seed_file_with_one_line(
 # serve: logs and shutdown
 # ---------------------------------------------------------------------------------------------
 async def test_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "seeds")
     handle = spawn(serve_args(server, files))
     try:

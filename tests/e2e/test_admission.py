@@ -18,13 +18,13 @@ from tests.support.admission import (
     deployment,
     expect_denied,
     granted,
+    info_as,
     perms,
-    user_info,
 )
 from tests.support.nats import (
     Keys,
+    NatsServer,
     ServerFactory,
-    nats_connect,
     new_user,
     raw_connect,
 )
@@ -39,10 +39,7 @@ from tests.support.service import (
 # ---------------------------------------------------------------------------------------------
 # admitted
 # ---------------------------------------------------------------------------------------------
-async def test_known_user_gets_exactly_its_permissions(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_known_user_gets_exactly_its_permissions(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     pub_allow, pub_deny = ["orders.>", USER_INFO], ["orders.secret"]
     sub_allow, sub_deny = ["_INBOX.>", "orders.*"], ["orders.audit"]
@@ -57,11 +54,7 @@ async def test_known_user_gets_exactly_its_permissions(
                 sub_deny=sub_deny,
             ),
         )
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP
         assert info["user"] == "alice"  # the record's name becomes the user name (§3 check 16)
         assert granted(info) == perms(pub_allow, pub_deny, sub_allow, sub_deny)
@@ -85,17 +78,12 @@ async def test_known_user_gets_exactly_its_permissions(
             assert await conn.ping() is None
 
 
-async def test_admin_record_has_no_restrictions(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_admin_record_has_no_restrictions(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         # admin wins over whatever lists the record also carries.
         await dep.put(pub, record("root", admin=True, pub_allow=["only.this"]))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP
         assert info["user"] == "root"
         assert "permissions" not in info
@@ -115,11 +103,7 @@ async def test_record_account_places_user_in_that_allowed_account(
     seed, pub = new_user()
     async with deployment(server, keys, allowed_accounts=frozenset({APP, "OTHER"})) as dep:
         await dep.put(pub, record("olga", account="OTHER", pub_allow=[USER_INFO]))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == "OTHER"
         assert granted(info) == perms([USER_INFO], [], [], [])
 
@@ -127,8 +111,7 @@ async def test_record_account_places_user_in_that_allowed_account(
 # ---------------------------------------------------------------------------------------------
 # denied
 # ---------------------------------------------------------------------------------------------
-async def test_unknown_and_revoked_users_denied(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_unknown_and_revoked_users_denied(server: NatsServer, keys: Keys) -> None:
     stranger, _ = new_user()
     revoked_seed, revoked_pub = new_user()
     async with deployment(server, keys) as dep:
@@ -161,10 +144,7 @@ async def test_unknown_and_revoked_users_denied(nats_server: ServerFactory, keys
         pytest.param(b'{"name": "x", "account": 5}', id="account-not-a-string"),
     ],
 )
-async def test_malformed_record_denied(
-    nats_server: ServerFactory, keys: Keys, value: bytes
-) -> None:
-    server = nats_server()
+async def test_malformed_record_denied(server: NatsServer, keys: Keys, value: bytes) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         await dep.put(pub, value)

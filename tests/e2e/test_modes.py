@@ -23,11 +23,12 @@ from tests.support.admission import (
     deployment,
     expect_denied,
     granted,
+    info_as,
     jwt_claims,
     perms,
     user_info,
 )
-from tests.support.nats import Keys, ServerFactory, nats_connect, new_user
+from tests.support.nats import Keys, NatsServer, ServerFactory, nats_connect, new_user
 from tests.support.service import APP, record
 
 SOFT_DEFAULTS = Permissions(
@@ -62,9 +63,8 @@ def decisions() -> Iterator[_Decisions]:
 
 
 async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     unknown_seed, unknown = new_user()
     known_seed, known = new_user()
     revoked_seed, revoked = new_user()
@@ -75,21 +75,13 @@ async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
             await dep.put(revoked, record("rev", revoked=True, admin=True))
 
             # Unknown, valid signature: admitted with the default permissions.
-            nc = await nats_connect(server.url, unknown_seed)
-            try:
-                info = await user_info(nc)
-            finally:
-                await nc.close()
+            info = await info_as(server.url, unknown_seed)
             assert info["account"] == APP
             assert granted(info) == perms([USER_INFO, "soft.>"], ["soft.secret"], ["_INBOX.>"], [])
             assert [d["reason"] for d in log.lines if d["client"] == unknown] == ["would_deny"]
 
             # A known user still gets its own record, not the defaults.
-            nc = await nats_connect(server.url, known_seed)
-            try:
-                info = await user_info(nc)
-            finally:
-                await nc.close()
+            info = await info_as(server.url, known_seed)
             assert info["user"] == "kim"
             assert granted(info) == perms([USER_INFO], [], ["_INBOX.>"], [])
 
@@ -128,10 +120,7 @@ async def test_soft_mode_denies_a_deleted_record(nats_server: ServerFactory, key
         await nc.close()
 
 
-async def test_user_ttl_expiry_closes_the_connection(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_user_ttl_expiry_closes_the_connection(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys, user_ttl=2.0) as dep:
         await dep.put(pub, record("brief", admin=True))
@@ -161,14 +150,9 @@ async def test_user_ttl_expiry_closes_the_connection(
         assert 1 <= user["exp"] - user["iat"] <= 3
 
 
-async def test_user_ttl_zero_issues_no_expiry(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_user_ttl_zero_issues_no_expiry(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys, user_ttl=0.0) as dep:
         await dep.put(pub, record("forever", admin=True))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert "expires" not in info

@@ -15,8 +15,15 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.support.admission import denied, deployment, expect_denied, granted, perms, user_info
-from tests.support.nats import AUTH_SUBJECT, Keys, ServerFactory, nats_connect, new_curve, new_user
+from tests.support.admission import (
+    denied,
+    deployment,
+    expect_denied,
+    granted,
+    info_as,
+    perms,
+)
+from tests.support.nats import AUTH_SUBJECT, Keys, ServerFactory, new_curve, new_user
 from tests.support.service import APP, record
 
 XKEY_HEADER = "Nats-Server-Xkey"
@@ -59,11 +66,7 @@ async def test_admit_and_deny_with_and_without_xkey(
         await dep.put(pub, record("x", pub_allow=["$SYS.REQ.USER.INFO"], sub_allow=["_INBOX.>"]))
         wire = await watch(dep.admin)
 
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP
         assert granted(info) == perms(["$SYS.REQ.USER.INFO"], [], ["_INBOX.>"], [])
         admitted_reply = await asyncio.wait_for(wire.replies.get(), 5)

@@ -33,7 +33,7 @@ import nats
 import orjson
 import pytest
 
-from tests.support.nats import Keys, ServerFactory
+from tests.support.nats import Keys, NatsServer, ServerFactory
 from tests.support.rig import BOUND, KNOWN_LOOPS, Rig, rig, storm
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
@@ -128,9 +128,8 @@ LOAD = pytest.mark.parametrize("loaded", [False, True], ids=["alone", "storm"])
 
 @LOAD
 async def test_bucket_deleted(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally, loaded: bool
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally, loaded: bool
 ) -> None:
-    server = nats_server()
     async with (
         rig(server, keys, tmp_path) as r,
         storm(r.admin, r.svc, r.server.url, tmp_path, loaded),
@@ -148,9 +147,8 @@ async def test_bucket_deleted(
 
 @LOAD
 async def test_bucket_purged(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally, loaded: bool
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally, loaded: bool
 ) -> None:
-    server = nats_server()
     async with (
         rig(server, keys, tmp_path) as r,
         storm(r.admin, r.svc, r.server.url, tmp_path, loaded),

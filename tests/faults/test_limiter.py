@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.support.badclients import connect_from
-from tests.support.nats import Keys, ServerFactory, new_user
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
 from tests.support.rig import Rig, rig
 from tests.support.service import record, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
@@ -65,9 +65,8 @@ async def real_clients(r: Rig, url: str, seeds: list[str], tally: Tally) -> list
 
 
 async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     real = [new_user() for _ in range(REAL_USERS)]
     async with rig(server, keys, tmp_path, serve=None) as r:
         kv = await users_bucket(r.admin)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nats import Keys, ServerFactory, new_user
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
 from tests.support.proxy import FaultProxy
 from tests.support.rig import rig
 from tests.support.service import record, users_bucket, watch
@@ -39,9 +39,8 @@ NO_CACHE = ("--users-cache", "off")
 
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
 async def test_nats_server_restarted_under_the_service(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally, hard: bool
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally, hard: bool
 ) -> None:
-    server = nats_server()
     async with rig(server, keys, tmp_path, reconnect=True) as r:
         svc = r.svc
         assert svc is not None
@@ -154,9 +153,8 @@ async def test_service_killed_mid_burst_then_restarted(
 
 
 async def test_sigterm_answers_every_request_in_flight(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     known = [new_user() for _ in range(20)]
     async with FaultProxy(server.port) as p, rig(server, keys, tmp_path, serve=None) as r:
         kv = await users_bucket(r.admin)

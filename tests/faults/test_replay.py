@@ -179,9 +179,8 @@ async def test_replayed_to_the_same_replica_without_the_bucket(
 
 
 async def test_internal_key_admitted_while_the_replay_bucket_is_deleted(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     internal_seed, internal = new_user()
     async with rig(
         server, keys, tmp_path,

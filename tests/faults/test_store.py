@@ -14,7 +14,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.support.nats import Keys, ServerFactory, new_user
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
 from tests.support.rig import rig
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
@@ -29,9 +29,8 @@ RECOVER_WITHIN = 10.0
 
 
 async def test_users_bucket_deleted_then_recreated(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     forgotten_seed, forgotten = new_user()  # in the old bucket only
     async with rig(server, keys, tmp_path, serve=None) as r:
         kv = await users_bucket(r.admin)

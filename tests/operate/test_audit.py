@@ -82,10 +82,7 @@ async def silent_audit(op: Operated, metrics: Metrics, stream: str, **config: An
     return audit
 
 
-async def test_messages_land_in_the_stream_deduplicated(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_messages_land_in_the_stream_deduplicated(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     stranger_seed, stranger = new_user()
     async with audited(
@@ -144,9 +141,8 @@ async def test_messages_land_in_the_stream_deduplicated(
 
 
 async def test_a_missing_stream_loses_messages_not_decisions(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     seed, pub = new_user()
     async with audited(server, keys, pub, audit_stream="AUDIT") as (op, _):
         js = op.svc.nc.jetstream()
@@ -198,8 +194,7 @@ async def test_a_silent_stream_loses_messages_not_decisions(
             await audit.stop()
 
 
-async def test_a_deleted_stream_is_recreated(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_a_deleted_stream_is_recreated(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with audited(server, keys, pub) as (op, _):
         nc = op.svc.nc
@@ -240,10 +235,7 @@ async def test_a_deleted_stream_is_recreated(nats_server: ServerFactory, keys: K
         assert len(logs.named("audit_recovered")) == 1
 
 
-async def test_messages_left_at_stop_are_counted_once(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_messages_left_at_stop_are_counted_once(server: NatsServer, keys: Keys) -> None:
     _, pub = new_user()
     async with audited(server, keys, pub) as (op, _):
         metrics = Metrics()

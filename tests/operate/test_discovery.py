@@ -9,13 +9,12 @@ from __future__ import annotations
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from callout.service import SUBJECT
-from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
 from tests.support.operate import gather, operated, ops_args
 from tests.support.service import record, users_bucket
 
 
-async def test_ping_info_and_stats(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_ping_info_and_stats(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     stranger_seed, _ = new_user()
     client = await nats_connect(server.url, keys.service_seed)  # tooling in the callout account

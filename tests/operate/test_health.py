@@ -6,7 +6,7 @@ admitted: that is the degraded state the body names.
 
 from __future__ import annotations
 
-from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
 from tests.support.operate import (
     Http,
     http_get,
@@ -29,8 +29,7 @@ async def readyz_becomes(port: int, status: int) -> Http:
     return seen[-1]
 
 
-async def test_readyz_follows_the_users_bucket(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_readyz_follows_the_users_bucket(server: NatsServer, keys: Keys) -> None:
     internal_seed, internal = new_user()
     user_seed, user = new_user()
     admin = await nats_connect(server.url, keys.service_seed)
@@ -60,8 +59,7 @@ async def test_readyz_follows_the_users_bucket(nats_server: ServerFactory, keys:
         await admin.close()
 
 
-async def test_readyz_follows_the_nats_connection(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_readyz_follows_the_nats_connection(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     admin = await nats_connect(server.url, keys.service_seed)
     try:

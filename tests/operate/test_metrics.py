@@ -5,7 +5,7 @@ ever becomes a label (issue: "Metrics"; "label values are bounded").
 
 from __future__ import annotations
 
-from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
 from tests.support.operate import (
     http_get,
     operated,
@@ -17,8 +17,7 @@ from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
 
 
-async def test_counters_move_as_decisions_are_made(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_counters_move_as_decisions_are_made(server: NatsServer, keys: Keys) -> None:
     known_seed, known = new_user()
     internal_seed, internal = new_user()
     stranger_seed, stranger = new_user()
@@ -84,8 +83,7 @@ async def test_counters_move_as_decisions_are_made(nats_server: ServerFactory, k
         await admin.close()
 
 
-async def test_the_endpoint_speaks_prometheus_text(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_the_endpoint_speaks_prometheus_text(server: NatsServer, keys: Keys) -> None:
     async with operated(server, keys) as op:
         response = await http_get(op.port, "/metrics")
         assert response.status == 200

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 
 from tests.support.hygiene import scan
-from tests.support.nats import Keys, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
 from tests.support.operate import (
     gather,
     http_get,
@@ -25,9 +25,8 @@ from tests.support.wait import eventually
 
 
 async def test_serve_with_metrics_audit_and_discovery(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "keys")
     seed, pub = new_user()
     internal_seed, internal = new_user()
@@ -89,9 +88,8 @@ async def test_serve_with_metrics_audit_and_discovery(
 
 
 async def test_metrics_port_in_use_is_a_one_line_usage_error(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path / "keys")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

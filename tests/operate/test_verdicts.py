@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tests.support.nats import (
     Keys,
-    ServerFactory,
+    NatsServer,
     auth_errors,
     nats_connect,
     new_user,
@@ -28,10 +28,7 @@ from tests.support.service import APP, record, users_bucket
 from tests.support.wait import eventually
 
 
-async def test_a_rejected_admit_is_logged_and_counted(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_a_rejected_admit_is_logged_and_counted(server: NatsServer, keys: Keys) -> None:
     ghost_seed, ghost = new_user()
     good_seed, good = new_user()
     stranger_seed, stranger = new_user()

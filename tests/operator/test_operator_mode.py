@@ -28,9 +28,9 @@ from tests.support.admission import (
     AUTH_VIOLATION,
     SERVICE_ERROR,
     granted,
+    info_as,
     jwt_claims,
     perms,
-    user_info,
 )
 from tests.support.nats import (
     AUTH_SUBJECT,
@@ -194,14 +194,6 @@ def response_claims(msg: Msg) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return response, (jwt_claims(user) if user else None)
 
 
-async def admitted_info(dep: Deployment, seed: str) -> dict[str, Any]:
-    nc = await nats_connect(dep.server.url, seed)
-    try:
-        return await user_info(nc)
-    finally:
-        await nc.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # placement by the signing account
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ async def test_known_user_is_placed_in_the_account_that_signed_it(
     assert added.returncode == 0, added.stderr
     await dep.serve(signer=signer)
 
-    info = await admitted_info(dep, seed)
+    info = await info_as(dep.server.url, seed)
     assert info["account"] == dep.trust.app.pub
     assert info["account_name"] == "APP"
     assert info["user"] == "alice"
@@ -248,7 +240,7 @@ async def test_issuer_may_be_a_signing_key_of_the_callout_account(operator: Star
     await dep.put(pub, record("bob", pub_allow=INFO_PUB, sub_allow=INFO_SUB))
 
     service = await dep.serve("--issuer-account", dep.trust.auth.pub, issuer="auth_signing")
-    assert (await admitted_info(dep, seed))["account"] == dep.trust.app.pub
+    assert (await info_as(dep.server.url, seed))["account"] == dep.trust.app.pub
     response, _ = response_claims(await dep.wire.reply())
     assert response["iss"] == dep.trust.auth_signing.pub
     assert response["nats"]["issuer_account"] == dep.trust.auth.pub
@@ -306,7 +298,7 @@ async def test_xkey_encrypts_both_ways_in_operator_mode(operator: Start) -> None
     await dep.put(pub, record("dave", pub_allow=INFO_PUB, sub_allow=INFO_SUB))
     await dep.serve(xkey=True)
 
-    assert (await admitted_info(dep, seed))["account"] == dep.trust.app.pub
+    assert (await info_as(dep.server.url, seed))["account"] == dep.trust.app.pub
     await dep.expect_denied(stranger, "unknown_user")
     for _ in range(2):
         request, reply = await dep.wire.request(), await dep.wire.reply()

@@ -16,6 +16,7 @@ import orjson
 from nats.aio.client import Client
 
 from tests.support.nats import (
+    SERVICE_ERROR,
     Keys,
     NatsServer,
     RawResult,
@@ -31,10 +32,6 @@ from tests.support.service import (
 )
 
 USER_INFO = "$SYS.REQ.USER.INFO"
-
-
-#: The prefix nats-server puts before a service's `error` text in the AUTH.ERR event (§3 check 7).
-SERVICE_ERROR = "Auth callout service returned an error: "
 
 
 AUTH_VIOLATION = "Authorization Violation"
@@ -88,6 +85,15 @@ async def user_info(nc: Client) -> dict[str, Any]:
     msg = await nc.request(USER_INFO, b"", timeout=2)
     data: dict[str, Any] = orjson.loads(msg.data)["data"]
     return data
+
+
+async def info_as(url: str, seed: str, **options: Any) -> dict[str, Any]:
+    """Connect as `seed` (nats-py, which fails on a deny), read `user_info`, disconnect."""
+    nc = await nats_connect(url, seed, **options)
+    try:
+        return await user_info(nc)
+    finally:
+        await nc.close()
 
 
 async def denied(

@@ -41,6 +41,7 @@ from nats.aio.msg import Msg
 __all__ = [
     "AUTH_ERR_SUBJECT",
     "AUTH_SUBJECT",
+    "SERVICE_ERROR",
     "Keys",
     "NatsServer",
     "NatsServerError",
@@ -62,6 +63,7 @@ __all__ = [
     "new_curve",
     "new_user",
     "next_event",
+    "on_auth_errors",
     "raw_connect",
     "render_config",
 ]
@@ -70,6 +72,8 @@ __all__ = [
 AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
 #: Account event carrying the deny reason, published in the callout account (§3).
 AUTH_ERR_SUBJECT = "$SYS.ACCOUNT.CLIENT.AUTH.ERR"
+#: nats-server's prefix before the service's `error` text in the auth-error event (§3 check 7).
+SERVICE_ERROR = "Auth callout service returned an error: "
 
 #: nkey prefix byte for curve (X25519) keys: base32-encodes to 'X' (docs/protocol.md §2).
 PREFIX_BYTE_CURVE = 23 << 3
@@ -603,20 +607,25 @@ async def nats_connect(
     return await nats.connect(url, **opts)
 
 
-async def auth_errors(nc: NATSClient) -> asyncio.Queue[dict[str, Any]]:
-    """Queue of decoded ``$SYS.ACCOUNT.CLIENT.AUTH.ERR`` events.
+async def on_auth_errors(nc: NATSClient, on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Call ``on_event`` with each decoded ``$SYS.ACCOUNT.CLIENT.AUTH.ERR`` event.
 
     ``nc`` must be a user of the callout account (e.g. the service identity): the
     event is published in that account (docs/protocol.md §3). Flushes before returning,
     so the subscription is active on the server.
     """
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
-        queue.put_nowait(orjson.loads(msg.data))
+        on_event(orjson.loads(msg.data))
 
     await nc.subscribe(AUTH_ERR_SUBJECT, cb=on_msg)
     await nc.flush()
+
+
+async def auth_errors(nc: NATSClient) -> asyncio.Queue[dict[str, Any]]:
+    """Queue of decoded auth-error events (see ``on_auth_errors``)."""
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await on_auth_errors(nc, queue.put_nowait)
     return queue
 
 

@@ -29,21 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from tests.support.nats import (
-    AUTH_ERR_SUBJECT,
     AUTH_SUBJECT,
+    SERVICE_ERROR,
     Keys,
     nats_connect,
     new_user,
+    on_auth_errors,
     raw_connect,
 )
 
-#: nats-server's prefix before the service's `error` text in the auth-error event (§3 check 7).
-SERVICE_ERROR = "Auth callout service returned an error: "
 #: The event reason for an empty-body answer (§3 check 1): an explicit, immediate deny too.
 EMPTY_BODY = 'Auth callout violation: "no reason supplied"'
 #: Roles that must never be admitted.
@@ -191,12 +188,10 @@ class Witness:
     async def open(cls, url: str, keys: Keys, **options: Any) -> Witness:
         nc = await nats_connect(url, keys.service_seed, **options)
         witness = cls(nc)
-        await nc.subscribe(AUTH_ERR_SUBJECT, cb=witness._on_event)
-        await nc.flush()
+        await on_auth_errors(nc, witness._on_event)
         return witness
 
-    async def _on_event(self, msg: Msg) -> None:
-        event = orjson.loads(msg.data)
+    def _on_event(self, event: dict[str, Any]) -> None:
         connection = (event.get("server", {}).get("id", ""), event.get("client", {}).get("id", 0))
         self._queues[connection].put_nowait(event)
 
