@@ -52,6 +52,7 @@ from tests.support.nats import (
     new_user,
     raw_connect,
 )
+from tests.support.operate import captured_logs
 from tests.support.service import (
     InProcess,
     Subprocess,
@@ -117,20 +118,8 @@ class Capture(logging.Handler):
 
 @pytest.fixture
 def captured() -> Iterator[Capture]:
-    handler = Capture()
-    ours, root = logging.getLogger("callout"), logging.getLogger()
-    saved = (ours.level, root.level)
-    ours.addHandler(handler)
-    root.addHandler(handler)
-    ours.setLevel(logging.DEBUG)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs(Capture(), root=True) as handler:
         yield handler
-    finally:
-        ours.removeHandler(handler)
-        root.removeHandler(handler)
-        ours.setLevel(saved[0])
-        root.setLevel(saved[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,17 @@ from tests.support.cluster import (
     admin_connection,
     create_users_bucket,
     running_cluster,
-    start_replicas,
 )
 from tests.support.nats import Keys, closed, new_user, raw_connect
-from tests.support.service import record, run_cli, seed_files, serve_args, users_bucket, write_seed
+from tests.support.service import (
+    record,
+    run_cli,
+    seed_files,
+    serve_args,
+    start_replicas,
+    users_bucket,
+    write_seed,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,17 @@ from tests.support.cluster import (
     create_users_bucket,
     decisions,
     running_cluster,
-    start_replicas,
 )
 from tests.support.nats import Keys, new_user
-from tests.support.service import APP, record, run_cli, seed_files, serve_args, users_bucket
+from tests.support.service import (
+    APP,
+    record,
+    run_cli,
+    seed_files,
+    serve_args,
+    start_replicas,
+    users_bucket,
+)
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow

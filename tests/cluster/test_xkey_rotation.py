@@ -40,7 +40,6 @@ from tests.support.cluster import (
     create_users_bucket,
     decisions,
     running_cluster,
-    start_replicas,
 )
 from tests.support.nats import (
     AUTH_SUBJECT,
@@ -57,6 +56,7 @@ from tests.support.service import (
     record,
     seed_files,
     serve_args,
+    start_replicas,
     users_bucket,
     write_seed,
 )

@@ -10,9 +10,6 @@ expiry").
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -29,6 +26,7 @@ from tests.support.admission import (
     user_info,
 )
 from tests.support.nats import Keys, NatsServer, ServerFactory, nats_connect, new_user
+from tests.support.operate import captured_logs
 from tests.support.service import APP, record
 
 SOFT_DEFAULTS = Permissions(
@@ -37,29 +35,14 @@ SOFT_DEFAULTS = Permissions(
 )
 
 
-class _Decisions(logging.Handler):
-    """The service's `decision` log lines, as the structured fields it passes to its logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "decision":
-            self.lines.append(dict(getattr(record, "fields", {})))
+def decisions() -> Any:
+    """The service's log, from which the tests read its `decision` lines."""
+    return captured_logs()
 
 
-@contextlib.contextmanager
-def decisions() -> Iterator[_Decisions]:
-    logger = logging.getLogger("callout")
-    handler, level = _Decisions(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def decided(log: Any) -> list[dict[str, Any]]:
+    """The structured fields of each `decision` line the service logged."""
+    return [fields for _, fields in log.named("decision")]
 
 
 async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
@@ -78,7 +61,7 @@ async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
             info = await info_as(server.url, unknown_seed)
             assert info["account"] == APP
             assert granted(info) == perms([USER_INFO, "soft.>"], ["soft.secret"], ["_INBOX.>"], [])
-            assert [d["reason"] for d in log.lines if d["client"] == unknown] == ["would_deny"]
+            assert [d["reason"] for d in decided(log) if d["client"] == unknown] == ["would_deny"]
 
             # A known user still gets its own record, not the defaults.
             info = await info_as(server.url, known_seed)

@@ -35,7 +35,7 @@ from tests.support.service import (
     record,
     seed_files,
     serve_args,
-    spawn,
+    start_replicas,
     users_bucket,
     watch,
 )
@@ -51,18 +51,6 @@ async def all_answered(wire: Wire, n: int, timeout: float = 10.0) -> None:
             await wire.changed.wait()
 
     await asyncio.wait_for(wait(), timeout)
-
-
-async def start_replicas(args: Sequence[str], n: int) -> list[Subprocess]:
-    """`n` services, each awaited on its own "ready" line (killed if any does not get there)."""
-    replicas = [spawn(args) for _ in range(n)]
-    try:
-        await asyncio.gather(*(r.await_event("ready") for r in replicas))
-    except BaseException:
-        for replica in replicas:
-            replica.kill()
-        raise
-    return replicas
 
 
 def decided(replica: Subprocess) -> list[str]:

@@ -39,7 +39,7 @@ from tests.support.nats import (
     raw_connect,
     render_config,
 )
-from tests.support.service import Subprocess, run_cli, seed_files, spawn
+from tests.support.service import Subprocess, run_cli, seed_files
 
 CLUSTER_NAME = "callout-test"
 #: Client-side bound on one connect: above the servers' authorization timeout, so a connect
@@ -285,18 +285,6 @@ async def create_users_bucket(cluster: Cluster, files: dict[str, Path]) -> None:
     await asyncio.gather(*(cluster.wait_reachable(i, "$KV.users.") for i in range(3)))
 
 
-async def start_replicas(args: Sequence[str], n: int = 2) -> list[Subprocess]:
-    """`n` service processes, each awaited on its own "ready" line."""
-    replicas = [spawn(args) for _ in range(n)]
-    try:
-        await asyncio.gather(*(r.await_event("ready") for r in replicas))
-    except BaseException:
-        for replica in replicas:
-            replica.kill()
-        raise
-    return replicas
-
-
 async def admin_connection(cluster: Cluster) -> Client:
     """A service-identity connection (an auth_users key: admitted without the callout)."""
     return await nats.connect(
@@ -324,5 +312,4 @@ __all__ = [
     "decisions",
     "running_cluster",
     "seed_files",
-    "start_replicas",
 ]

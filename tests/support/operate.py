@@ -130,17 +130,21 @@ class LogCapture(logging.Handler):
 
 
 @contextlib.contextmanager
-def captured_logs() -> Iterator[LogCapture]:
-    logger = logging.getLogger("callout")
-    handler = LogCapture()
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
+def captured_logs(handler: Any = None, *, root: bool = False) -> Iterator[Any]:
+    """Attach `handler` (a `LogCapture` by default) to the `callout` logger at DEBUG, and to the
+    root logger too when `root` is set (what other libraries log); detach it on exit."""
+    capture = handler if handler is not None else LogCapture()
+    loggers = [logging.getLogger("callout")] + [logging.getLogger()] * root
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(capture)
+        logger.setLevel(logging.DEBUG)
     try:
-        yield handler
+        yield capture
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.removeHandler(capture)
+            logger.setLevel(level)
 
 
 async def gather(nc: Client, subject: str, expect: int, timeout: float = 5.0) -> list[Any]:

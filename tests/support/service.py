@@ -392,3 +392,15 @@ def kill_quietly(handle: Subprocess) -> None:
     """Teardown for a test that failed half-way: never leave a process behind."""
     if handle.proc.poll() is None:
         handle.kill()
+
+
+async def start_replicas(args: Sequence[str], n: int = 2) -> list[Subprocess]:
+    """`n` service processes, each awaited on its own "ready" line."""
+    replicas = [spawn(args) for _ in range(n)]
+    try:
+        await asyncio.gather(*(r.await_event("ready") for r in replicas))
+    except BaseException:
+        for replica in replicas:
+            replica.kill()
+        raise
+    return replicas

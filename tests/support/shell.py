@@ -12,7 +12,7 @@ import nkeys
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from callout.decision import Authorizer
+from callout.decision import Authorizer, Decision, ReplayAnswer, Request, StoreAnswer
 from callout.service import SUBJECT, CalloutService
 from callout.store import WouldBlock
 from callout.store.memory import MemoryStore
@@ -187,3 +187,27 @@ def make_env(
         clock=clock,
     )
     return Env(keys, ServerIdentity.generate(), client, service, nc, store, clock, events)
+
+
+class DecideRaises(Authorizer):
+    def decide(
+        self, request: Request, answer: StoreAnswer | None, replay: ReplayAnswer | None = None
+    ) -> Decision:
+        raise RuntimeError("bug in decide")
+
+
+class OpenRaises(Authorizer):
+    def open(self, payload: bytes, headers: Any, now: float) -> Request | Decision:
+        raise RuntimeError("bug in open")
+
+
+class AdmitRespondRaises(Authorizer):
+    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
+        if decision.admit:
+            raise RuntimeError("bug while building the user JWT")
+        return Authorizer.respond(self, decision, now, jitter)
+
+
+class RespondRaises(Authorizer):
+    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
+        raise RuntimeError("bug in respond")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
 
 import nkeys
 import orjson
@@ -18,7 +17,7 @@ import pytest
 
 from callout import decision as d
 from callout import log
-from callout.decision import Authorizer, Decision, ReplayAnswer, Request, StoreAnswer
+from callout.decision import Authorizer
 from callout.store import StoreError
 from callout.store.memory import MemoryStore
 from tests.support import forge
@@ -26,7 +25,16 @@ from tests.support.forge import DELETE, ClientKey, Forged
 from tests.support.nats import new_curve
 from tests.support.operate import captured_logs
 from tests.support.service import record
-from tests.support.shell import NOW, GatedStore, RaisingStore, make_env
+from tests.support.shell import (
+    NOW,
+    AdmitRespondRaises,
+    DecideRaises,
+    GatedStore,
+    OpenRaises,
+    RaisingStore,
+    RespondRaises,
+    make_env,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,30 +178,6 @@ async def test_store_error_subclass_is_unavailable_not_internal(nowait: bool) ->
     assert env.error_of(msg, forged) == d.STORE_UNAVAILABLE
 
 
-class DecideRaises(Authorizer):
-    def decide(
-        self, request: Request, answer: StoreAnswer | None, replay: ReplayAnswer | None = None
-    ) -> Decision:
-        raise RuntimeError("bug in decide")
-
-
-class OpenRaises(Authorizer):
-    def open(self, payload: bytes, headers: Any, now: float) -> Request | Decision:
-        raise RuntimeError("bug in open")
-
-
-class AdmitRespondRaises(Authorizer):
-    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
-        if decision.admit:
-            raise RuntimeError("bug while building the user JWT")
-        return Authorizer.respond(self, decision, now, jitter)
-
-
-class RespondAlwaysRaises(Authorizer):
-    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
-        raise RuntimeError("bug in respond")
-
-
 async def test_exception_in_decide_is_internal_error() -> None:
     env = make_env(authorizer=DecideRaises)
     forged = env.forge()
@@ -211,7 +195,7 @@ async def test_exception_while_admitting_is_a_deny() -> None:
     assert env.service.stats.admitted == 0
 
 
-@pytest.mark.parametrize("authorizer", [OpenRaises, RespondAlwaysRaises])
+@pytest.mark.parametrize("authorizer", [OpenRaises, RespondRaises])
 async def test_exception_without_an_addressable_answer_is_an_empty_reply(
     authorizer: type[Authorizer],
 ) -> None:
