@@ -53,10 +53,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.deploy import (
+    Keys,
+    callout_server,
+    make_keys,
+    nats_connect,
+    new_user,
+    record,
+    seed_files,
+    serve_args,
+    users_bucket,
+)
 from bench.loadgen import ADMITTED, Identity, Result, connect_once, identities, limit_config
 from bench.loadgen import run as load
-from tests.support.nats import Keys, NatsServer, free_port, make_keys, nats_connect, new_user
-from tests.support.service import record, seed_files, serve_args, users_bucket
+from callout.nats_server import NatsServer, free_port
 
 SCENARIOS = ("LIMIT", "naive", "plain", "xkey")
 # Not in the default run: the naive callout under uvloop (how much of the lead is the loop's),
@@ -69,7 +79,7 @@ READY_TIMEOUT = 30.0
 WARMUP = 200
 QUIET_PCT = 10.0  # background CPU (% of the machine) above which a phase is flagged
 
-# Targets from issue 4 (ratios to LIMIT measured in the same run).
+# Targets: ratios to LIMIT measured in the same run.
 TARGET_RATE_C50 = 0.40
 TARGET_P50_C1 = 2.3
 TARGET_SERVICE_MS = {"plain": 0.20, "xkey": 0.25}
@@ -235,10 +245,10 @@ async def start_scenario(
     if name == "LIMIT":
         port = free_port()
         server = NatsServer(limit_config(port, pubs), port=port, workdir=workdir)
-        scenario = Scenario(name, await server.astart())
+        scenario = Scenario(name, await asyncio.to_thread(server.start))
     else:
         xkey = name == "xkey"
-        server = await NatsServer.from_keys(workdir, keys, xkey=xkey).astart()
+        server = await asyncio.to_thread(callout_server(workdir, keys, xkey=xkey).start)
         scenario = Scenario(name, server)
         files = seed_files(keys, workdir / "keys")
         cmd = [sys.executable]
@@ -489,7 +499,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             check(
                 name, "storm p99 s", round(v, 3), f"< {TARGET_STORM_P99_S}", v < TARGET_STORM_P99_S
             )
-        # Issue 10: beat the naive callout (bench/naive.py) of the same run on every figure.
+        # Beat the naive callout (bench/naive.py) of the same run on every figure.
         for kind, key, what, higher in NAIVE_FIGURES:
             ours, naive = find(name, kind), find("naive", kind)
             if ours is None or naive is None or ours[key] is None or naive[key] is None:

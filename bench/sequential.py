@@ -6,7 +6,7 @@ Scenarios, each on its own fresh nats-server on loopback:
   LIMIT   the same users as static nkey users in the server config (no callout at all);
   plain   `callout serve` (a subprocess) with the users in a real KV bucket;
   xkey    the same, with xkey encryption on.
-Clients speak the NATS protocol by hand (tests.support.nats.raw_connect: INFO, sign the nonce,
+Clients speak the NATS protocol by hand (bench.loadgen's client: INFO, sign the nonce,
 CONNECT, PING, wait for PONG), one at a time, so the figure is the latency a single
 connecting client sees. Prints p50/p90/p99, connects per second and ratios to LIMIT.
 """
@@ -20,16 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.nats import (
+from bench.deploy import (
     Keys,
-    NatsServer,
-    free_port,
+    Service,
+    admitted,
+    callout_server,
     make_keys,
     nats_connect,
     new_user,
-    raw_connect,
+    record,
+    seed_files,
+    serve_args,
+    users_bucket,
 )
-from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
+from callout.nats_server import NatsServer, free_port
 
 
 def limit_config(port: int, users: list[str]) -> str:
@@ -42,9 +46,9 @@ async def measure(url: str, seeds: list[str], connects: int) -> list[float]:
     denied = 0
     for i in range(connects):
         start = time.perf_counter()
-        result = await raw_connect(url, seeds[i % len(seeds)], timeout=10)
+        ok = await admitted(url, seeds[i % len(seeds)])
         latencies.append(time.perf_counter() - start)
-        denied += not result.admitted
+        denied += not ok
     if denied:
         raise SystemExit(f"{denied} allowed users were denied: the benchmark is void")
     return latencies
@@ -61,7 +65,7 @@ async def scenario(
         finally:
             server.stop()
     xkey = name == "xkey"
-    server = NatsServer.from_keys(workdir / name, keys, xkey=xkey).start()
+    server = callout_server(workdir / name, keys, xkey=xkey).start()
     service = None
     try:
         admin = await nats_connect(server.url, keys.service_seed)
@@ -70,8 +74,8 @@ async def scenario(
             await kv.put(pub, record("bench"))
         await admin.close()
         files = seed_files(keys, workdir / name / "keys")
-        service = spawn(serve_args(server, files, xkey=xkey))
-        await service.await_event("ready")
+        service = Service(serve_args(server, files, xkey=xkey))
+        await service.event("ready")
         return await measure(server.url, seeds, connects)
     finally:
         if service is not None:

@@ -48,3 +48,20 @@ def test_support_imports_no_test_module() -> None:
         if name.startswith("tests.") and not is_support(name)
     ]
     assert offenders == []
+
+
+#: The one test-support module bench/ may import: the forger of nats-server authorization
+#: requests, which the core benchmarks feed to the sans-I/O core (bench.core_cpu,
+#: bench.record_overhead). The product has no such forger and a copy would be a second one.
+BENCH_MAY_IMPORT = {"tests.support.forge"}
+
+
+def test_bench_imports_nothing_else_from_tests() -> None:
+    offenders = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in sorted((REPO / "bench").rglob("*.py"))
+        for name in imported_modules(path)
+        if (name == "tests" or name.startswith("tests."))
+        and not any(name == ok or name.startswith(ok + ".") for ok in BENCH_MAY_IMPORT)
+    ]
+    assert offenders == []
