@@ -1,4 +1,4 @@
-"""Seeds, signatures and JWTs never reach the logs (issue 3, "Secrets and hygiene").
+"""Seeds, signatures and JWTs never reach the logs.
 
 Scanning every log of the whole suite would tie this test to every other one; instead one
 representative session runs here, with xkey on, and ALL of its output is scanned:

@@ -1,5 +1,5 @@
 """The command-line contract, black-box: `python -m callout ...` as a subprocess against a
-real nats-server (issue 2, "Contract").
+real nats-server.
 
 - `keys generate`: three 0600 seed files of the right kinds, never overwritten.
 - `users add/get/list/revoke`: records as the contract spells them, keys upper-cased,
@@ -386,7 +386,7 @@ async def test_serve_runs_from_environment_variables_alone(
     nats_server: ServerFactory, keys: Keys, tmp_path: Path
 ) -> None:
     """Every flag from CALLOUT_*, including a comma list for the repeatable --internal-key;
-    no users bucket exists, so only the two internal keys get in (issue 2, point 6)."""
+    no users bucket exists, so only the two internal keys get in."""
     server = nats_server(xkey=True)
     files = seed_files(keys, tmp_path / "seeds")
     (seed1, pub1), (seed2, pub2), (stranger, _) = new_user(), new_user(), new_user()
@@ -560,7 +560,7 @@ async def test_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
         seed, client = new_user()
         result = await raw_connect(server.url, seed)
         assert not result.admitted  # one decision line
-        # No bucket yet: the service is up and denies everyone but internal keys (issue 2, 6).
+        # No bucket yet: the service is up and denies everyone but internal keys.
         decision = await handle.await_event("decision", reason="store_unavailable")
         # One line per decision: the client's public key, the decision, the reason, latency,
         # and the connection (server id and client id, as in the server's INFO).

@@ -1,4 +1,4 @@
-"""`callout dev`, the embedded default (issue 2, "The embedded default and the README"):
+"""`callout dev`, the embedded default:
 a bundled nats-server, keys generated on first run and kept in the data dir, a demo user,
 the service, and the exact command to connect as the demo user; Ctrl-C stops both.
 """

@@ -1,4 +1,4 @@
-"""Failures in the cluster (issue 5, "Cluster tests"):
+"""Failures in the cluster:
 
 - the node leading the users stream goes away, gracefully (SIGTERM: `docker compose stop`, a
   rolling restart) or by crashing (SIGKILL): an allowed user is admitted again through the

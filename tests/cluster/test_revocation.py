@@ -1,4 +1,4 @@
-"""Live revocation on the 3-node cluster (issue 7, "Live revocation"): every live connection of
+"""Live revocation on the 3-node cluster: every live connection of
 a revoked user, on whichever node and admitted by whichever replica, is closed within 1 s of
 `callout users revoke`; other users' connections are untouched; and each connection is kicked
 once (each replica kicks only what it admitted)."""

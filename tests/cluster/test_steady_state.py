@@ -1,5 +1,5 @@
 """Three clustered nodes, the users bucket with 3 replicas, two `callout serve` replicas
-connected with all three URLs (issue 5, "Cluster tests"):
+connected with all three URLs:
 
 - steady state: through each of the three nodes an allowed user is admitted (into the record's
   account), a revoked and an unknown user are denied, for the right reason, and requests from

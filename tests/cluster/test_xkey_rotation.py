@@ -1,5 +1,5 @@
 """The xkey rotation of the README's "Deploying" section, walked through on the 3-node cluster
-(issue 5, "Key rotation without an outage"):
+(key rotation without an outage):
 
 1. the servers encrypt callout requests to xkey A; the service runs with A and B
    (`--xkey-seed-file A --xkey-seed-file B`);

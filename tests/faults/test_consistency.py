@@ -114,8 +114,8 @@ def check_contract(
     )
     assert late == [], f"admitted {BOUND * 1000:.0f} ms or more after the fault: {late}"
     if loaded:
-        # A storm makes answers late, some past the server's timeout (issue 10's subject, not
-        # this one's); the contract above holds all the same, and so does "no wrong admit".
+        # A storm makes answers late, some past the server's timeout (the storm benchmarks
+        # measure that); the contract above holds all the same, and so does "no wrong admit".
         tally.unbound(tally.outcomes)
         slow = [o for o in tally.outcomes if not o.ours]
         tally.notes["server timeouts while the storm ran (not checked here)"] = len(slow)

@@ -150,8 +150,8 @@ async def test_a_real_user_behind_the_brute_forces_address_is_never_throttled_by
     nats_server: ServerFactory, keys: Keys, tmp_path: Path
 ) -> None:
     """A client whose signature verifies is never refused for its host; the host is throttled
-    only for requests that fail and carry a key. Bare `CONNECT {}`s used to count against the
-    host before the signature was checked: 20 of them locked the real user out here. With a
+    only for requests that fail and carry a key, and only after the signature is checked: 20
+    bare `CONNECT {}`s from the same host would otherwise lock the real user out here. With a
     window of an hour no token comes back during the test, so the outcome does not depend on
     the machine's speed."""
     server = nats_server()

@@ -86,8 +86,8 @@ async def test_the_first_load_kicks_what_was_revoked_before_the_cache_went_live(
     revocation_setup: Any, keys: Keys
 ) -> None:
     """A connection admitted from a direct lookup before the cache went live, whose record is
-    revoked before the load finishes: the first load used to notify nothing, so it kept its
-    session until its JWT expired."""
+    revoked before the load finishes: the first load notifies the revocation too, so the
+    session does not last until its JWT expires."""
     server, files = revocation_setup
     system_seed = (await asyncio.to_thread(Path(files["system"]).read_text)).strip()
     admin = await nats_connect(server.url, keys.service_seed)

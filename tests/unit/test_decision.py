@@ -1082,8 +1082,9 @@ def test_deadline_is_the_receive_time_plus_the_server_s_wait() -> None:
 def test_a_skewed_clock_neither_drops_nor_times_out_a_fresh_request(
     skew: float, timeout: float
 ) -> None:
-    """A host ahead of its server used to see every request as expired (dropped: the client
-    waited out the server's timeout) or its deadline already passed (store_timeout)."""
+    """A host ahead of its server still answers: no request is seen as expired (dropped: the
+    client would wait out the server's timeout) nor its deadline as already passed
+    (store_timeout)."""
     rig = make_rig()
     for fraction in (0.0, 0.5, 0.99):  # where in its second the server published
         sent = NOW + fraction
@@ -1197,8 +1198,8 @@ def test_bad_signatures_throttle_the_host_not_the_key() -> None:
 
 
 def test_requests_without_a_key_lock_no_host_out() -> None:
-    """A bare `CONNECT {}` used to count against its host, and the host check came before the
-    signature: ~10 a second locked out every valid client behind the same address."""
+    """A bare `CONNECT {}` does not count against its host, and the host check comes after the
+    signature: otherwise ~10 a second would lock out every valid client behind the address."""
     r = make_rig(fail_limit_host=3, fail_window=3600.0)
     for _ in range(50):
         assert r.run(r.forge(client=None), Missing()).reason == d.NO_NKEY
@@ -1410,7 +1411,7 @@ def test_deleted_missing_and_soft_mode_sessions() -> None:
     ("kind", "allowed", "reason"),
     [
         ("Client", {"client"}, d.ADMIT),
-        ("Leafnode", {"client"}, d.KIND_NOT_ALLOWED),  # used to be admitted on a user's record
+        ("Leafnode", {"client"}, d.KIND_NOT_ALLOWED),  # never admitted on a user's record alone
         ("Leafnode", {"client", "leafnode"}, d.ADMIT),
         ("Client", {"leafnode"}, d.KIND_NOT_ALLOWED),
         ("Router", {"client", "leafnode"}, d.KIND_NOT_ALLOWED),
