@@ -364,11 +364,7 @@ async def test_a_shed_request_is_recorded_and_skipped_on_replay(tmp_path: Path) 
     store.records[env.client.public] = record("alice")
     env.service.recorder = Recorder(tmp_path / "rec")
     msgs = [env.msg(env.forge()) for _ in range(3)]
-    for m in msgs:
-        await env.service._on_message(m)
-    await asyncio.wait_for(store.when_active(1).wait(), 10)
-    store.gate.set()
-    await asyncio.wait_for(env.service.stop(), 10)
+    await env.hold_then_drain(store, msgs, active=1)
     await env.service.recorder.close()
     docs = lines_in(tmp_path / "rec")
     assert sorted(d["decision"]["reason"] for d in docs) == ["admit", "admit", "overloaded"]

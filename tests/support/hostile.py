@@ -40,6 +40,22 @@ from tests.support.forge import ServerIdentity
 from tests.support.nats import AUTH_SUBJECT, Keys
 from tests.support.service import policy_for
 
+# Gate 1 of the core (callout/decision.py): no request to address a signed error to, so the
+# answer is the empty body (or nothing, for an expired request).
+UNADDRESSABLE = frozenset(
+    {
+        core_api.OVERSIZE,
+        core_api.XKEY_UNEXPECTED,
+        core_api.XKEY_FAILED,
+        core_api.MALFORMED,
+        core_api.FORGED,
+        core_api.NOT_FOR_US,
+        core_api.WRONG_SERVER,
+        core_api.EXPIRED,
+        core_api.NOT_YET_VALID,
+    }
+)
+
 HERE = Path(__file__).resolve().parents[1] / "hostile"
 CORPUS = HERE / "corpus"
 Answer = Literal["empty", "error", "drop"]
@@ -204,6 +220,7 @@ def check_answer(case: Case, decision: Decision | None, body: bytes | None) -> N
 
 __all__ = [
     "CORPUS",
+    "UNADDRESSABLE",
     "Case",
     "Outcome",
     "authorizer",

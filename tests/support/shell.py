@@ -160,6 +160,15 @@ class Env:
         error: str = nats["error"]
         return error
 
+    async def hold_then_drain(self, store: GatedStore, msgs: list[Any], active: int = 1) -> None:
+        """Deliver `msgs` while the store holds its reads, wait until `active` lookups are in
+        it, then let them through and stop the service (which waits for every request)."""
+        for m in msgs:
+            await self.service._on_message(m)
+        await asyncio.wait_for(store.when_active(active).wait(), 10)
+        store.gate.set()
+        await asyncio.wait_for(self.service.stop(), 10)
+
 
 def make_env(
     store: Any = None,

@@ -32,6 +32,7 @@ from callout.keys import CurveKey, SigningKey
 from callout.records import Permissions, Rules
 from tests.support import forge
 from tests.support.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support.hostile import UNADDRESSABLE
 from tests.support.nats import Keys, make_keys, new_account, new_curve, new_user
 from tests.support.service import APP, policy_for, record
 
@@ -259,19 +260,6 @@ SCENARIOS: dict[str, Callable[[], Outcome]] = {
     d.STORE_UNAVAILABLE: _plain(Unavailable("bucket 'users' does not exist")),
     d.STORE_TIMEOUT: _plain(TimedOut()),
     d.INTERNAL_ERROR: _internal_error,
-}
-
-# Gate 1: no request to address a signed error to, so the answer is the empty body.
-UNADDRESSABLE = {
-    d.OVERSIZE,
-    d.XKEY_UNEXPECTED,
-    d.XKEY_FAILED,
-    d.MALFORMED,
-    d.FORGED,
-    d.NOT_FOR_US,
-    d.WRONG_SERVER,
-    d.EXPIRED,
-    d.NOT_YET_VALID,
 }
 
 
