@@ -43,24 +43,21 @@ NODES = ("nats-1", "nats-2", "nats-3")
 SEED_TEXT = re.compile(r"S[AUXNOC][A-Z2-7]{56}")
 
 
-def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+def tool(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """One of the venv's checkers, its output captured."""
     return subprocess.run(
-        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+    return tool(
+        "check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(path), timeout=60
     )
 
 
 def nats_server_test(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "nats-server"), "-t", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return tool("nats-server", "-t", "-c", str(config), timeout=30)
 
 
 def subcommand(name: str) -> argparse.ArgumentParser:

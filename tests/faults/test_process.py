@@ -21,7 +21,7 @@ import pytest
 from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
 from tests.support.proxy import FaultProxy
 from tests.support.rig import rig
-from tests.support.service import record, users_bucket, watch
+from tests.support.service import watch
 from tests.support.wait import eventually
 from tests.support.witness import (
     Outcome,
@@ -94,11 +94,8 @@ async def test_service_killed_mid_burst_then_restarted(
     truncated to whole seconds, so with 1 s it can be only milliseconds away, and the service
     (which never waits past `exp`) denies `store_timeout` before its own --backend-timeout."""
     server = nats_server(auth_timeout=1.5)
-    known = [new_user() for _ in range(30)]
     async with FaultProxy(server.port) as p, rig(server, keys, tmp_path, serve=None) as r:
-        kv = await users_bucket(r.admin)
-        for i, (_, pub) in enumerate(known):
-            await kv.put(pub, record(f"k{i}", admin=True))
+        known = await r.known_users(30)
         svc = await r.serve(*NO_CACHE, url=p.url)
         p.delay(IN_FLIGHT)
         clients = [(seed, pub, "known") for seed, pub in known]
@@ -155,11 +152,8 @@ async def test_service_killed_mid_burst_then_restarted(
 async def test_sigterm_answers_every_request_in_flight(
     server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    known = [new_user() for _ in range(20)]
     async with FaultProxy(server.port) as p, rig(server, keys, tmp_path, serve=None) as r:
-        kv = await users_bucket(r.admin)
-        for i, (_, pub) in enumerate(known):
-            await kv.put(pub, record(f"k{i}", admin=True))
+        known = await r.known_users(20)
         svc = await r.serve(*NO_CACHE, url=p.url)
         p.delay(IN_FLIGHT)
         clients = [(seed, pub, "known") for seed, pub in known]

@@ -44,6 +44,14 @@ class Rig:
     users: Users
     svc: Subprocess | None = None
 
+    async def known_users(self, n: int) -> list[tuple[str, str]]:
+        """`n` more users with an admin record each (named k0, k1, ...): `(seed, public key)`."""
+        kv = await users_bucket(self.admin)
+        users = [new_user() for _ in range(n)]
+        for i, (_, pub) in enumerate(users):
+            await kv.put(pub, record(f"k{i}", admin=True))
+        return users
+
     async def put_users(self) -> None:
         kv = await users_bucket(self.admin)
         await kv.put(self.users.known[1], record("known", admin=True))
