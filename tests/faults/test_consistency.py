@@ -23,10 +23,11 @@ contract is not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -123,6 +124,13 @@ def check_contract(
     tally.check()
 
 
+@contextlib.asynccontextmanager
+async def stormed(server: NatsServer, keys: Keys, tmp_path: Path, on: bool) -> AsyncIterator[Rig]:
+    """The rig, with the storm on when `on`, for the block's duration."""
+    async with rig(server, keys, tmp_path) as r, storm(r.admin, r.svc, r.server.url, tmp_path, on):
+        yield r
+
+
 LOAD = pytest.mark.parametrize("loaded", [False, True], ids=["alone", "storm"])
 
 
@@ -130,10 +138,7 @@ LOAD = pytest.mark.parametrize("loaded", [False, True], ids=["alone", "storm"])
 async def test_bucket_deleted(
     server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally, loaded: bool
 ) -> None:
-    async with (
-        rig(server, keys, tmp_path) as r,
-        storm(r.admin, r.svc, r.server.url, tmp_path, loaded),
-    ):
+    async with stormed(server, keys, tmp_path, loaded) as r:
 
         async def delete() -> float:
             assert await r.admin.jetstream().delete_key_value("users")
@@ -149,10 +154,7 @@ async def test_bucket_deleted(
 async def test_bucket_purged(
     server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally, loaded: bool
 ) -> None:
-    async with (
-        rig(server, keys, tmp_path) as r,
-        storm(r.admin, r.svc, r.server.url, tmp_path, loaded),
-    ):
+    async with stormed(server, keys, tmp_path, loaded) as r:
 
         async def purge() -> float:
             await r.admin.jetstream().purge_stream("KV_users")  # the watch is sent nothing
@@ -172,10 +174,7 @@ async def test_jetstream_switched_off(
     enabled = server.config
     disabled = enabled.replace("\n    jetstream: enabled", "", 1)
     assert disabled != enabled
-    async with (
-        rig(server, keys, tmp_path) as r,
-        storm(r.admin, r.svc, r.server.url, tmp_path, loaded),
-    ):
+    async with stormed(server, keys, tmp_path, loaded) as r:
 
         async def switch_off() -> float:
             await asyncio.to_thread(server.reload, disabled)
@@ -215,10 +214,7 @@ async def test_watch_connection_lost(
     server = nats_server(sys_user=SYS_USER, http=True)
     system = await nats.connect(server.url, user=SYS_USER[0], password=SYS_USER[1])
     try:
-        async with (
-            rig(server, keys, tmp_path) as r,
-            storm(r.admin, r.svc, r.server.url, tmp_path, loaded),
-        ):
+        async with stormed(server, keys, tmp_path, loaded) as r:
             cid = await connection_id(server.monitor_url, "callout-users-watch")
             info = orjson.loads((await system.request("$SYS.REQ.SERVER.PING.VARZ", b"")).data)
             server_id = info["server"]["id"]
@@ -248,10 +244,7 @@ async def test_watch_consumer_deleted(
     """Not a lost store: the watch resumes from where the copy is. A revocation made right
     after the delete must still hold within the bound."""
     server = nats_server()
-    async with (
-        rig(server, keys, tmp_path) as r,
-        storm(r.admin, r.svc, r.server.url, tmp_path, loaded),
-    ):
+    async with stormed(server, keys, tmp_path, loaded) as r:
         js = r.admin.jetstream()
         kv = await users_bucket(r.admin)
 

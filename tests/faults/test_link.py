@@ -107,10 +107,7 @@ async def test_half_closed_connection(
             probes.back_up()
             back = time.monotonic()
             tally.notes["reconnected after (s)"] = round(back - cut, 2)
-            await eventually(lambda: probes.streak("known", back) >= 3, RECOVER_WITHIN)
-            await eventually(
-                lambda: all(len(probes.since(back, role)) >= 3 for role in probes.roles)
-            )
+            await probes.recovered(back, RECOVER_WITHIN)
         finally:
             await probes.stop()
         assert p.stats.connections >= 2  # it came back on a new connection

@@ -66,10 +66,7 @@ async def test_nats_server_restarted_under_the_service(
             during.back_up()
             back = time.monotonic()
             tally.notes["service subscribed again after (s)"] = round(back - restarted, 2)
-            await eventually(lambda: during.streak("known", back) >= 3, RECOVER_WITHIN)
-            await eventually(
-                lambda: all(len(during.since(back, role)) >= 3 for role in during.roles)
-            )
+            await during.recovered(back, RECOVER_WITHIN)
         finally:
             await during.stop()
         # Exactly one reply to every request since the service came back, and never two

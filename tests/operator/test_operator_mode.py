@@ -33,7 +33,6 @@ from tests.support.admission import (
     perms,
 )
 from tests.support.nats import (
-    AUTH_SUBJECT,
     NatsServer,
     auth_errors,
     free_port,
@@ -42,27 +41,13 @@ from tests.support.nats import (
     next_event,
     raw_connect,
 )
-from tests.support.service import Subprocess, record, run_cli, spawn, users_bucket
+from tests.support.service import Subprocess, Wire, record, run_cli, spawn, users_bucket, watch
 from tests.support.trust import Trust, creds_text, render_operator_config, write_secret
 
 USER_INFO = "$SYS.REQ.USER.INFO"
 XKEY_HEADER = "Nats-Server-Xkey"
 # Enough to read one's own USER.INFO: what every admitted user below is given.
 INFO_PUB, INFO_SUB = [USER_INFO], ["_INBOX.>"]
-
-
-@dataclass
-class Wire:
-    """Requests and responses seen by a bystander in AUTH."""
-
-    requests: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
-    replies: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
-
-    async def request(self) -> Msg:
-        return await asyncio.wait_for(self.requests.get(), 5)
-
-    async def reply(self) -> Msg:
-        return await asyncio.wait_for(self.replies.get(), 5)
 
 
 @dataclass
@@ -161,16 +146,7 @@ async def operator(tmp_path: Path) -> AsyncIterator[Start]:
         except BaseException:
             server.stop()
             raise
-        wire = Wire()
-
-        async def on_request(msg: Msg) -> None:
-            wire.requests.put_nowait(msg)
-
-        async def on_reply(msg: Msg) -> None:
-            wire.replies.put_nowait(msg)
-
-        await admin.subscribe(AUTH_SUBJECT, cb=on_request)
-        await admin.subscribe("$SYS._INBOX.>", cb=on_reply)
+        wire = await watch(admin)
         dep = Deployment(trust, server, files, admin, await auth_errors(admin), wire)
         deployments.append(dep)
         return dep

@@ -203,17 +203,8 @@ class Keys:
 
 
 def make_keys() -> Keys:
-    issuer_seed, issuer_pub = new_account()
-    service_seed, service_pub = new_user()
-    xkey_seed, xkey_pub = new_curve()
-    return Keys(
-        issuer_seed=issuer_seed,
-        issuer_pub=issuer_pub,
-        service_seed=service_seed,
-        service_pub=service_pub,
-        xkey_seed=xkey_seed,
-        xkey_pub=xkey_pub,
-    )
+    """Fresh keys for one deployment (the fields in `Keys` order: each a seed, then its key)."""
+    return Keys(*new_account(), *new_user(), *new_curve())
 
 
 # ---------------------------------------------------------------------------

@@ -346,25 +346,41 @@ async def stop_with_ctrl_c(handle: Subprocess) -> int:
 
 @dataclass
 class Wire:
-    """Reply inboxes of the requests, and how many replies each one got."""
+    """What a bystander in the callout account sees: every request (a list, and a queue to take
+    them in order), every reply (a queue), and how many replies each request's inbox got."""
 
+    requests: list[Msg] = field(default_factory=list)
     inboxes: list[str] = field(default_factory=list)
     replies: Counter[str] = field(default_factory=Counter)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _requests: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    _replies: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
 
     def answered(self) -> int:
         return sum(1 for inbox in self.inboxes if self.replies[inbox] > 0)
 
+    async def request(self) -> Msg:
+        """The next request not taken yet."""
+        return await asyncio.wait_for(self._requests.get(), 5)
+
+    async def reply(self) -> Msg:
+        """The next reply not taken yet."""
+        return await asyncio.wait_for(self._replies.get(), 5)
+
 
 async def watch(nc: Client) -> Wire:
+    """Start watching the callout subjects through `nc` (a user of the callout account)."""
     wire = Wire()
 
     async def on_request(msg: Msg) -> None:
-        wire.inboxes.append(msg.reply or "")  # no reply subject: the counts below catch it
+        wire.requests.append(msg)
+        wire._requests.put_nowait(msg)
+        wire.inboxes.append(msg.reply or "")  # no reply subject: the counts catch it
         wire.changed.set()
 
     async def on_reply(msg: Msg) -> None:
         wire.replies[msg.subject] += 1
+        wire._replies.put_nowait(msg)
         wire.changed.set()
 
     await nc.subscribe(AUTH_SUBJECT, cb=on_request)

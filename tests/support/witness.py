@@ -40,6 +40,7 @@ from tests.support.nats import (
     on_auth_errors,
     raw_connect,
 )
+from tests.support.wait import eventually
 
 #: The event reason for an empty-body answer (§3 check 1): an explicit, immediate deny too.
 EMPTY_BODY = 'Auth callout violation: "no reason supplied"'
@@ -335,6 +336,12 @@ class Probes:
         ]
         self.tally.relabel(early, "revoked_within_staleness")
         return len(early)
+
+    async def recovered(self, since: float, within: float) -> None:
+        """Wait until the known user is admitted 3 times in a row after `since` (within
+        `within` s), and then until every role has 3 outcomes after `since`."""
+        await eventually(lambda: self.streak("known", since) >= 3, within)
+        await eventually(lambda: all(len(self.since(since, role)) >= 3 for role in self.roles))
 
 
 def rss_bytes(pid: int) -> int:
