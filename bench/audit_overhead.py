@@ -29,20 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.deploy import (
-    Keys,
-    Service,
-    admitted,
-    callout_server,
-    make_keys,
-    metrics,
-    nats_connect,
-    new_user,
-    record,
-    seed_files,
-    serve_args,
-    users_bucket,
-)
+from bench import deploy
 from bench.sequential import pct
 
 SCENARIOS = ("off", "healthy", "no_stream", "silent")
@@ -82,7 +69,7 @@ async def sequential(url: str, seeds: list[str], n: int) -> list[float]:
     latencies = []
     for i in range(n):
         start = time.perf_counter()
-        ok = await admitted(url, seeds[i % len(seeds)])
+        ok = await deploy.admitted(url, seeds[i % len(seeds)])
         latencies.append(time.perf_counter() - start)
         if not ok:
             raise SystemExit("an allowed user was denied: the run is void")
@@ -96,7 +83,7 @@ async def concurrent(url: str, seeds: list[str], n: int, concurrency: int) -> fl
     async def one(i: int) -> None:
         nonlocal denied
         async with gate:
-            denied += not await admitted(url, seeds[i % len(seeds)])
+            denied += not await deploy.admitted(url, seeds[i % len(seeds)])
 
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -109,19 +96,19 @@ async def concurrent(url: str, seeds: list[str], n: int, concurrency: int) -> fl
 async def scenario(
     name: str,
     workdir: Path,
-    keys: Keys,
+    keys: deploy.Keys,
     seeds: list[str],
     pubs: list[str],
     args: argparse.Namespace,
 ) -> Result:
-    server = callout_server(workdir / name, keys).start()
+    server = deploy.callout_server(workdir / name, keys).start()
     service = None
     hole: subprocess.Popen[bytes] | None = None
-    admin = await nats_connect(server.url, keys.service_seed)
+    admin = await deploy.nats_connect(server.url, keys.service_seed)
     try:
-        kv = await users_bucket(admin)
+        kv = await deploy.users_bucket(admin)
         for pub in pubs:
-            await kv.put(pub, record("bench"))
+            await kv.put(pub, deploy.record("bench"))
         extra = ["--metrics-addr", "127.0.0.1:0"]
         if name != "off":
             extra += ["--audit-stream", "AUDIT"]
@@ -136,15 +123,15 @@ async def scenario(
             assert hole.stdout is not None
             if hole.stdout.readline().strip() != b"ready":
                 raise SystemExit("the black-hole subscriber did not start")
-        files = seed_files(keys, workdir / name / "keys")
-        service = Service(serve_args(server, files, *extra))
+        files = deploy.seed_files(keys, workdir / name / "keys")
+        service = deploy.Service(deploy.serve_args(server, files, *extra))
         await service.event("ready")
         port = (await service.event("metrics_listening"))["port"]
         cpu_before = cpu_seconds(service.proc.pid)
         latencies = await sequential(server.url, seeds, args.connects)
         rate = await concurrent(server.url, seeds, args.connects, args.concurrency)
         cpu = (cpu_seconds(service.proc.pid) - cpu_before) / (2 * args.connects) * 1e3
-        values = await metrics(port)
+        values = await deploy.metrics(port)
         count = values.get("callout_decision_duration_seconds_count", 0.0)
         total = values.get("callout_decision_duration_seconds_sum", 0.0)
         published = values.get("callout_audit_published_total", 0.0)
@@ -171,8 +158,8 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    keys = make_keys()
-    users = [new_user() for _ in range(args.users)]
+    keys = deploy.make_keys()
+    users = [deploy.new_user() for _ in range(args.users)]
     seeds, pubs = [s for s, _ in users], [p for _, p in users]
     runs: dict[str, list[Result]] = {name: [] for name in SCENARIOS}
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,19 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.deploy import (
-    Keys,
-    Service,
-    admitted,
-    callout_server,
-    make_keys,
-    nats_connect,
-    new_user,
-    record,
-    seed_files,
-    serve_args,
-    users_bucket,
-)
+from bench import deploy
 from callout.nats_server import NatsServer, free_port
 
 
@@ -46,7 +34,7 @@ async def measure(url: str, seeds: list[str], connects: int) -> list[float]:
     denied = 0
     for i in range(connects):
         start = time.perf_counter()
-        ok = await admitted(url, seeds[i % len(seeds)])
+        ok = await deploy.admitted(url, seeds[i % len(seeds)])
         latencies.append(time.perf_counter() - start)
         denied += not ok
     if denied:
@@ -55,7 +43,7 @@ async def measure(url: str, seeds: list[str], connects: int) -> list[float]:
 
 
 async def scenario(
-    name: str, workdir: Path, keys: Keys, seeds: list[str], pubs: list[str], connects: int
+    name: str, workdir: Path, keys: deploy.Keys, seeds: list[str], pubs: list[str], connects: int
 ) -> list[float]:
     if name == "LIMIT":
         port = free_port()
@@ -65,16 +53,16 @@ async def scenario(
         finally:
             server.stop()
     xkey = name == "xkey"
-    server = callout_server(workdir / name, keys, xkey=xkey).start()
+    server = deploy.callout_server(workdir / name, keys, xkey=xkey).start()
     service = None
     try:
-        admin = await nats_connect(server.url, keys.service_seed)
-        kv = await users_bucket(admin)
+        admin = await deploy.nats_connect(server.url, keys.service_seed)
+        kv = await deploy.users_bucket(admin)
         for pub in pubs:
-            await kv.put(pub, record("bench"))
+            await kv.put(pub, deploy.record("bench"))
         await admin.close()
-        files = seed_files(keys, workdir / name / "keys")
-        service = Service(serve_args(server, files, xkey=xkey))
+        files = deploy.seed_files(keys, workdir / name / "keys")
+        service = deploy.Service(deploy.serve_args(server, files, xkey=xkey))
         await service.event("ready")
         return await measure(server.url, seeds, connects)
     finally:
@@ -93,8 +81,8 @@ async def main() -> None:
     parser.add_argument("--connects", type=int, default=2000)
     parser.add_argument("--users", type=int, default=100)
     args = parser.parse_args()
-    keys = make_keys()
-    users = [new_user() for _ in range(args.users)]
+    keys = deploy.make_keys()
+    users = [deploy.new_user() for _ in range(args.users)]
     seeds, pubs = [s for s, _ in users], [p for _, p in users]
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
