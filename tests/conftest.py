@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.nats import Keys, NatsServer, ServerFactory, make_keys
+from tests.support.service import seed_files
 
 # ---------------------------------------------------------------------------
 # harness fixtures (generic: no callout code involved)
@@ -60,3 +61,9 @@ def server(nats_server: ServerFactory) -> NatsServer:
     """A started nats-server with the default config (JetStream, the callout, this test's keys);
     tests that need another config call `nats_server(...)` themselves."""
     return nats_server()
+
+
+@pytest.fixture
+def files(keys: Keys, tmp_path: Path) -> dict[str, Path]:
+    """This test's keys as the seed files `callout serve` reads (issuer, service, xkey)."""
+    return seed_files(keys, tmp_path / "keys")

@@ -134,9 +134,8 @@ def test_keys_generate_writes_three_private_seeds_and_never_overwrites(tmp_path:
 # users
 # ---------------------------------------------------------------------------------------------
 async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     perms = ["--pub-allow", "orders.>", "--pub-allow", "$SYS.REQ.USER.INFO"]
     perms += ["--pub-deny", "orders.secret", "--sub-allow", "_INBOX.>", "--sub-deny", "x.*"]
@@ -170,8 +169,7 @@ async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
         await nc.close()
 
 
-async def test_users_add_admin_flag(server: NatsServer, keys: Keys, tmp_path: Path) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
+async def test_users_add_admin_flag(server: NatsServer, keys: Keys, files: dict[str, Path]) -> None:
     _, pub = new_user()
     assert json_out(await acli(*users_cmd(server, files, "add", pub, "--admin")))["admin"] is True
     got = json_out(await acli(*users_cmd(server, files, "get", pub)))
@@ -179,9 +177,8 @@ async def test_users_add_admin_flag(server: NatsServer, keys: Keys, tmp_path: Pa
 
 
 async def test_users_duplicate_add_fails_and_keeps_the_first_record(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     json_out(await acli(*users_cmd(server, files, "add", pub, "--name", "first")))
     line = one_line_error(
@@ -192,9 +189,8 @@ async def test_users_duplicate_add_fails_and_keeps_the_first_record(
 
 
 async def test_users_invalid_key_or_subject_is_refused_before_anything_is_written(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         bad_key = one_line_error(await acli(*users_cmd(server, files, "add", "UNOTAKEY")))
@@ -221,9 +217,8 @@ async def test_users_invalid_key_or_subject_is_refused_before_anything_is_writte
 
 
 async def test_users_get_of_an_absent_key_exits_1(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     result = await acli(*users_cmd(server, files, "get", pub))
     assert result.returncode == 1
@@ -232,9 +227,8 @@ async def test_users_get_of_an_absent_key_exits_1(
 
 
 async def test_users_list_prints_one_json_object_per_line(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     assert (await acli(*users_cmd(server, files, "list"))).stdout == ""  # empty bucket
     added = {new_user()[1]: name for name in ("ann", "ben", "cat")}
     for pub, name in added.items():
@@ -249,9 +243,8 @@ async def test_users_list_prints_one_json_object_per_line(
 
 
 async def test_revoke_keeps_the_record_and_a_running_service_then_denies(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     seed, pub = new_user()
     json_out(await acli(*users_cmd(server, files, "add", pub, "--name", "rita")))
     handle = spawn(serve_args(server, files))
@@ -285,9 +278,8 @@ async def test_revoke_keeps_the_record_and_a_running_service_then_denies(
 
 
 async def test_revoke_of_an_absent_key_exits_1(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     result = await acli(*users_cmd(server, files, "revoke", pub))
     assert result.returncode == 1 and result.stdout == ""
@@ -295,9 +287,8 @@ async def test_revoke_of_an_absent_key_exits_1(
 
 
 async def test_users_creates_a_missing_bucket_with_the_requested_replicas(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         assert await stream_state(nc) is None
@@ -317,9 +308,8 @@ async def test_users_creates_a_missing_bucket_with_the_requested_replicas(
 
 
 async def test_users_replicas_3_on_a_single_server_fails_with_one_line(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     line = one_line_error(await acli(*users_cmd(server, files, "--replicas", "3", "list")))
     assert "replica" in line.lower()
     nc = await nats_connect(server.url, keys.service_seed)
@@ -340,9 +330,8 @@ def test_users_replicas_out_of_range_is_refused(replicas: str, tmp_path: Path) -
 
 
 async def test_a_stream_named_like_the_bucket_that_is_not_a_kv_bucket_is_a_clear_error(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         js = nc.jetstream()
@@ -361,9 +350,8 @@ async def test_a_stream_named_like_the_bucket_that_is_not_a_kv_bucket_is_a_clear
 # flags from the environment
 # ---------------------------------------------------------------------------------------------
 async def test_users_reads_its_flags_from_the_environment(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     env = {
         "CALLOUT_NATS_URL": server.url,
         "CALLOUT_NKEY_SEED_FILE": str(files["service"]),
@@ -448,11 +436,10 @@ def _serve_with(files: dict[str, Path], url: str, **override: str | Sequence[str
     ],
 )
 def test_serve_refuses_a_user_mistake_with_one_line(
-    case: str, expect: str, keys: Keys, tmp_path: Path
+    case: str, expect: str, keys: Keys, tmp_path: Path, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     url = f"nats://127.0.0.1:{free_port()}"  # never reached: each mistake is caught first
-    lax = tmp_path / "seeds" / "lax.nk"
+    lax = files["service"].parent / "lax.nk"
     lax.write_text(keys.service_seed + "\n")
     lax.chmod(0o644)
     args = {
@@ -504,23 +491,24 @@ def test_serve_refuses_a_user_mistake_with_one_line(
     ],
 )
 def test_flags_and_environment_are_refused_at_start_with_one_line(
-    flags: dict[str, str], env: dict[str, str], named: str, keys: Keys, tmp_path: Path
+    flags: dict[str, str], env: dict[str, str], named: str, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     url = f"nats://127.0.0.1:{free_port()}"  # never reached
     line = one_line_error(cli(*_serve_with(files, url, **flags), env=env))
     assert named in line
 
 
-def test_serve_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: Path) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
+def test_serve_with_unreachable_nats_exits_with_one_line(
+    keys: Keys, files: dict[str, Path]
+) -> None:
     port = free_port()  # nobody listens here
     line = one_line_error(cli(*_serve_with(files, f"nats://127.0.0.1:{port}")))
     assert str(port) in line
 
 
-def test_users_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: Path) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
+def test_users_with_unreachable_nats_exits_with_one_line(
+    keys: Keys, files: dict[str, Path]
+) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     line = one_line_error(
@@ -531,9 +519,8 @@ def test_users_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: P
 
 @pytest.mark.parametrize("problem", ["missing", "0644", "account_seed"])
 def test_users_refuses_a_bad_seed_file_with_one_line(
-    problem: str, keys: Keys, tmp_path: Path
+    problem: str, keys: Keys, tmp_path: Path, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     path = {"missing": tmp_path / "nope.nk", "0644": tmp_path / "lax.nk"}.get(
         problem, files["issuer"]
     )
@@ -551,9 +538,8 @@ def test_users_refuses_a_bad_seed_file_with_one_line(
 # serve: logs and shutdown
 # ---------------------------------------------------------------------------------------------
 async def test_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     handle = spawn(serve_args(server, files))
     try:
         await handle.await_event("ready")

@@ -43,7 +43,7 @@ from tests.support.cluster import (
     running_cluster,
 )
 from tests.support.nats import AUTH_SUBJECT, Keys, new_user
-from tests.support.service import record, seed_files, serve_args, start_replicas, users_bucket
+from tests.support.service import record, serve_args, start_replicas, users_bucket
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow
@@ -63,9 +63,12 @@ PACE = 0.01
 
 @pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
 async def test_losing_the_users_stream_leader(
-    tmp_path: Path, keys: Keys, crash: bool, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    files: dict[str, Path],
+    keys: Keys,
+    crash: bool,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     allowed_seed, allowed = new_user()
     revoked_seed, revoked = new_user()
     stranger_seed, stranger = new_user()
@@ -206,9 +209,11 @@ STUCK = 0.3
 
 
 async def test_killing_a_replica_during_a_burst_leaves_no_allowed_user_denied(
-    tmp_path: Path, keys: Keys, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    files: dict[str, Path],
+    keys: Keys,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     users = [new_user() for _ in range(BURST)]
     async with running_cluster(tmp_path, keys) as cluster:
         await create_users_bucket(cluster, files)

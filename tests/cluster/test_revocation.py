@@ -21,7 +21,6 @@ from tests.support.nats import Keys, closed, new_user, raw_connect
 from tests.support.service import (
     record,
     run_cli,
-    seed_files,
     serve_args,
     start_replicas,
     users_bucket,
@@ -31,8 +30,9 @@ from tests.support.service import (
 pytestmark = pytest.mark.slow
 
 
-async def test_revoke_closes_sessions_on_every_node_within_1s(tmp_path: Path, keys: Keys) -> None:
-    files = seed_files(keys, tmp_path / "keys")
+async def test_revoke_closes_sessions_on_every_node_within_1s(
+    tmp_path: Path, files: dict[str, Path], keys: Keys
+) -> None:
     system_seed, system_pub = new_user()
     files["system"] = write_seed(tmp_path / "keys" / "system.nk", system_seed)
     alice_seed, alice = new_user()

@@ -26,7 +26,6 @@ from tests.support.service import (
     APP,
     record,
     run_cli,
-    seed_files,
     serve_args,
     start_replicas,
     users_bucket,
@@ -37,9 +36,8 @@ pytestmark = pytest.mark.slow
 
 
 async def test_every_node_admits_allowed_users_and_denies_the_rest(
-    tmp_path: Path, keys: Keys
+    tmp_path: Path, files: dict[str, Path], keys: Keys
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     alice_seed, alice = new_user()
     root_seed, root = new_user()
     revoked_seed, revoked = new_user()
@@ -89,9 +87,8 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
 
 
 async def test_user_added_and_revoked_through_node_1_applies_through_node_3(
-    tmp_path: Path, keys: Keys
+    tmp_path: Path, files: dict[str, Path], keys: Keys
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     bob_seed, bob = new_user()
     async with running_cluster(tmp_path, keys) as cluster:
         await create_users_bucket(cluster, files)

@@ -54,7 +54,6 @@ from tests.support.nats import (
 from tests.support.service import (
     Subprocess,
     record,
-    seed_files,
     serve_args,
     start_replicas,
     users_bucket,
@@ -148,9 +147,11 @@ async def replace_replica(
 
 
 async def test_xkey_rotation_node_by_node_admits_throughout(
-    tmp_path: Path, keys: Keys, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    files: dict[str, Path],
+    keys: Keys,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     seed_a = files["xkey"]
     new_seed, new_public = new_curve()
     seed_b = write_seed(tmp_path / "keys" / "xkey-new.nk", new_seed)

@@ -32,7 +32,6 @@ from tests.support.service import (
     APP,
     record,
     run_cli,
-    seed_files,
 )
 
 
@@ -196,9 +195,8 @@ async def test_record_naming_an_unlisted_account_denied(
 
 @pytest.mark.parametrize("account", ["SYS", "AUTH"])
 def test_serve_refuses_system_or_callout_account_as_allowed(
-    tmp_path: Path, keys: Keys, account: str
+    files: dict[str, Path], keys: Keys, account: str
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     done = run_cli(
         "serve",
         "--nats-url", "nats://127.0.0.1:1",

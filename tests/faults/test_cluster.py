@@ -33,7 +33,7 @@ import pytest
 from tests.support.cluster import admin_connection, create_users_bucket, running_cluster
 from tests.support.nats import Keys, new_user
 from tests.support.rig import BOUND, FAULT_FLAGS, KNOWN_LOOPS, storm
-from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.service import record, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
 from tests.support.witness import (
     Outcome,
@@ -53,8 +53,9 @@ ELECTED_WITHIN = 20.0
 
 
 @pytest.mark.parametrize("loaded", [False, True], ids=["alone", "storm"])
-async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, loaded: bool) -> None:
-    files = seed_files(keys, tmp_path / "keys")
+async def test_stream_leader_killed(
+    tmp_path: Path, files: dict[str, Path], keys: Keys, tally: Tally, loaded: bool
+) -> None:
     users = Users()
     late_seed, late = new_user()
     seen_seed, seen = new_user()

@@ -20,14 +20,13 @@ from tests.support.operate import (
     scrape,
     value,
 )
-from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.service import record, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
 
 
 async def test_serve_with_metrics_audit_and_discovery(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     seed, pub = new_user()
     internal_seed, internal = new_user()
     stranger_seed, _ = new_user()
@@ -88,9 +87,8 @@ async def test_serve_with_metrics_audit_and_discovery(
 
 
 async def test_metrics_port_in_use_is_a_one_line_usage_error(
-    server: NatsServer, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

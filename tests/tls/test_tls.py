@@ -308,9 +308,8 @@ async def test_tls_handshake_mistakes_fail_with_one_line(
 
 @pytest.mark.parametrize("command", ["serve", "users"])
 def test_tls_file_mistakes_fail_with_one_line_before_connecting(
-    keys: Keys, pki: Pki, tmp_path: Path, command: str
+    keys: Keys, pki: Pki, tmp_path: Path, files: dict[str, Path], command: str
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     nowhere = NatsServer("", port=1, workdir=tmp_path / "nowhere")  # never started
     half = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert)]
     assert "--tls-key" in one_line(command_args(command, nowhere, files, half))
