@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -80,15 +80,7 @@ class Case:
 
     @property
     def deployment_keys(self) -> Keys:
-        k = self.keys
-        return Keys(
-            issuer_seed=k["issuer_seed"],
-            issuer_pub=k["issuer_pub"],
-            service_seed=k["service_seed"],
-            service_pub=k["service_pub"],
-            xkey_seed=k["xkey_seed"],
-            xkey_pub=k["xkey_pub"],
-        )
+        return Keys(**{f.name: self.keys[f.name] for f in fields(Keys)})
 
     @property
     def server(self) -> ServerIdentity:
