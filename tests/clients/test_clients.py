@@ -6,7 +6,6 @@ revocation, whose automatic reconnect the callout denies."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from tests.support.admission import jwt_claims
 from tests.support.clients import Client, Deployment
 from tests.support.nats import AUTH_SUBJECT, nats_connect, new_user
 from tests.support.service import record, users_bucket, write_seed
@@ -62,19 +62,13 @@ def user(deployment: Deployment, name: str) -> tuple[Path, str]:
     return write_seed(deployment.seeds / f"{name}-{public[:8]}.nk", seed), public
 
 
-def claims(token: bytes) -> dict[str, Any]:
-    segment = token.split(b".")[1]
-    doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
-    return doc
-
-
 async def test_admitted(client: Client, deployment: Deployment) -> None:
     seed, alice = user(deployment, "alice")
     admin = await nats_connect(deployment.server.url, deployment.keys.service_seed)
     requests: list[dict[str, Any]] = []
 
     async def bystander(msg: Msg) -> None:
-        requests.append(claims(msg.data))
+        requests.append(jwt_claims(msg.data))
 
     try:
         await (await users_bucket(admin)).put(alice, record("alice"))
@@ -114,11 +108,7 @@ async def test_publish_outside_the_allow_list_is_refused(
     client: Client, deployment: Deployment
 ) -> None:
     seed, bob = user(deployment, "bob")
-    admin = await nats_connect(deployment.server.url, deployment.keys.service_seed)
-    try:
-        await (await users_bucket(admin)).put(bob, record("bob", pub_allow=["orders.>"]))
-    finally:
-        await admin.close()
+    await deployment.put(bob, record("bob", pub_allow=["orders.>"]))
     code, seen = await asyncio.to_thread(
         run, client, deployment.server.url, seed, "publish", "secret.plans"
     )

@@ -18,8 +18,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.nats import Keys, NatsServer
-from tests.support.service import Subprocess
+from tests.support.nats import Keys, NatsServer, nats_connect
+from tests.support.service import Subprocess, users_bucket
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parents[1] / "clients"
@@ -89,3 +89,11 @@ class Deployment:
     service: Subprocess
     keys: Keys
     seeds: Path  # a directory for client seed files
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Write one record to the users bucket, as the service identity."""
+        admin = await nats_connect(self.server.url, self.keys.service_seed)
+        try:
+            await (await users_bucket(admin)).put(key, value)
+        finally:
+            await admin.close()
