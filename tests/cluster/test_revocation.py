@@ -12,11 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import (
-    admin_connection,
-    create_users_bucket,
-    running_cluster,
-)
+from tests.support.cluster import admin_connection, create_users_bucket, running_cluster
 from tests.support.nats import Keys, closed, new_user, raw_connect
 from tests.support.service import (
     record,

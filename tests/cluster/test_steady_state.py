@@ -22,14 +22,7 @@ from tests.support.cluster import (
     running_cluster,
 )
 from tests.support.nats import Keys, new_user
-from tests.support.service import (
-    APP,
-    record,
-    run_cli,
-    serve_args,
-    start_replicas,
-    users_bucket,
-)
+from tests.support.service import APP, record, run_cli, serve_args, start_replicas, users_bucket
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow

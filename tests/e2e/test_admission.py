@@ -13,26 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.admission import (
-    USER_INFO,
-    deployment,
-    expect_denied,
-    granted,
-    info_as,
-    perms,
-)
-from tests.support.nats import (
-    Keys,
-    NatsServer,
-    ServerFactory,
-    new_user,
-    raw_connect,
-)
-from tests.support.service import (
-    APP,
-    record,
-    run_cli,
-)
+from tests.support.admission import USER_INFO, deployment, expect_denied, granted, info_as, perms
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user, raw_connect
+from tests.support.service import APP, record, run_cli
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,13 +6,7 @@ identity by key"; "Fail closed"). A normal user is denied at once with `store_un
 
 from __future__ import annotations
 
-from tests.support.admission import (
-    AUTH_VIOLATION,
-    Deployment,
-    deployment,
-    expect_denied,
-    info_as,
-)
+from tests.support.admission import AUTH_VIOLATION, Deployment, deployment, expect_denied, info_as
 from tests.support.nats import Keys, NatsServer, ServerFactory, new_user, raw_connect
 from tests.support.service import APP, record, users_bucket
 

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.admission import (
-    denied,
-    deployment,
-    expect_denied,
-    granted,
-    info_as,
-    perms,
-)
+from tests.support.admission import denied, deployment, expect_denied, granted, info_as, perms
 from tests.support.nats import Keys, ServerFactory, new_curve, new_user
 from tests.support.service import APP, record, watch
 

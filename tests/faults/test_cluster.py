@@ -35,14 +35,7 @@ from tests.support.nats import Keys, new_user
 from tests.support.rig import BOUND, FAULT_FLAGS, KNOWN_LOOPS, storm
 from tests.support.service import record, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
-from tests.support.witness import (
-    Outcome,
-    Probes,
-    Tally,
-    Users,
-    Witness,
-    attempt,
-)
+from tests.support.witness import Outcome, Probes, Tally, Users, Witness, attempt
 
 pytestmark = pytest.mark.slow
 

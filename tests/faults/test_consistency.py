@@ -38,11 +38,7 @@ from tests.support.nats import Keys, NatsServer, ServerFactory
 from tests.support.rig import BOUND, KNOWN_LOOPS, Rig, rig, storm
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
-from tests.support.witness import (
-    Outcome,
-    Probes,
-    Tally,
-)
+from tests.support.witness import Outcome, Probes, Tally
 
 pytestmark = pytest.mark.slow
 

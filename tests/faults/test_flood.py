@@ -36,13 +36,7 @@ from tests.support.nats import (
 )
 from tests.support.rig import rig
 from tests.support.wait import eventually
-from tests.support.witness import (
-    Outcome,
-    Probes,
-    Tally,
-    importer_accounts,
-    rss_bytes,
-)
+from tests.support.witness import Outcome, Probes, Tally, importer_accounts, rss_bytes
 
 FLOOD = 20_000
 #: Generous: the service's whole baseline is about 60 MB; a leak of one request in ten (a few

@@ -38,13 +38,7 @@ from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
 from tests.support.rig import Rig, rig
 from tests.support.service import record, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
-from tests.support.witness import (
-    BACKEND_TIMEOUT,
-    Outcome,
-    Tally,
-    percentiles,
-    tried,
-)
+from tests.support.witness import BACKEND_TIMEOUT, Outcome, Tally, percentiles, tried
 
 REAL_USERS = 5
 REAL_CONNECTS = 60

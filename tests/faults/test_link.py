@@ -24,13 +24,7 @@ from tests.support.proxy import FaultProxy
 from tests.support.rig import rig
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
-from tests.support.witness import (
-    BACKEND_TIMEOUT,
-    CACHE_STALENESS,
-    Probes,
-    Tally,
-    tried,
-)
+from tests.support.witness import BACKEND_TIMEOUT, CACHE_STALENESS, Probes, Tally, tried
 
 RECOVER_WITHIN = 10.0
 #: Past --backend-timeout and the users cache's window (80 ms), so the cache stops answering

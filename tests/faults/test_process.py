@@ -23,13 +23,7 @@ from tests.support.proxy import FaultProxy
 from tests.support.rig import rig
 from tests.support.service import watch
 from tests.support.wait import eventually
-from tests.support.witness import (
-    Outcome,
-    Probes,
-    Tally,
-    attempt,
-    tried,
-)
+from tests.support.witness import Outcome, Probes, Tally, attempt, tried
 
 RECOVER_WITHIN = 10.0
 #: Lookups held back this long: requests stay in flight, and still succeed.

@@ -40,11 +40,7 @@ from tests.support.nats import (
 from tests.support.rig import FAULT_FLAGS, Rig, rig
 from tests.support.service import Subprocess, serve_args, spawn
 from tests.support.wait import eventually
-from tests.support.witness import (
-    Tally,
-    importer_accounts,
-    tried,
-)
+from tests.support.witness import Tally, importer_accounts, tried
 
 REPLAY_BUCKET = "replay"
 

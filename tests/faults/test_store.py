@@ -18,11 +18,7 @@ from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
 from tests.support.rig import rig
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
-from tests.support.witness import (
-    Probes,
-    Tally,
-    tried,
-)
+from tests.support.witness import Probes, Tally, tried
 
 #: How long the service may take to admit the known user once the store is back.
 RECOVER_WITHIN = 10.0

@@ -21,13 +21,7 @@ from callout.audit import Audit, AuditConfig
 from callout.decision import Decision
 from callout.metrics import AUDIT_LOSS_CAUSES, Metrics
 from tests.support.nats import Keys, NatsServer, ServerFactory, nats_connect, new_user, raw_connect
-from tests.support.operate import (
-    Operated,
-    captured_logs,
-    operated,
-    ops_args,
-    value,
-)
+from tests.support.operate import Operated, captured_logs, operated, ops_args, value
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
 

@@ -7,13 +7,7 @@ admitted: that is the degraded state the body names.
 from __future__ import annotations
 
 from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
-from tests.support.operate import (
-    Http,
-    http_get,
-    operated,
-    scrape,
-    value,
-)
+from tests.support.operate import Http, http_get, operated, scrape, value
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
 

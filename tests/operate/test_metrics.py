@@ -6,13 +6,7 @@ ever becomes a label (issue: "Metrics"; "label values are bounded").
 from __future__ import annotations
 
 from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
-from tests.support.operate import (
-    http_get,
-    operated,
-    samples,
-    scrape,
-    value,
-)
+from tests.support.operate import http_get, operated, samples, scrape, value
 from tests.support.service import record, users_bucket
 from tests.support.wait import eventually
 

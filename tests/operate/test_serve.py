@@ -14,12 +14,7 @@ import orjson
 
 from tests.support.hygiene import scan
 from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
-from tests.support.operate import (
-    gather,
-    http_get,
-    scrape,
-    value,
-)
+from tests.support.operate import gather, http_get, scrape, value
 from tests.support.service import record, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
 

@@ -18,12 +18,7 @@ from tests.support.nats import (
     next_event,
     raw_connect,
 )
-from tests.support.operate import (
-    captured_logs,
-    operated,
-    scrape,
-    value,
-)
+from tests.support.operate import captured_logs, operated, scrape, value
 from tests.support.service import APP, record, users_bucket
 from tests.support.wait import eventually
 

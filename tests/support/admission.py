@@ -25,11 +25,7 @@ from tests.support.nats import (
     next_event,
     raw_connect,
 )
-from tests.support.service import (
-    InProcess,
-    start_in_process,
-    users_bucket,
-)
+from tests.support.service import InProcess, start_in_process, users_bucket
 
 USER_INFO = "$SYS.REQ.USER.INFO"
 

@@ -17,11 +17,7 @@ from nats.aio.client import Client
 from tests.support.nats import Keys, NatsServer, nats_connect, new_user
 from tests.support.service import Subprocess, record, seed_files, serve_args, spawn, users_bucket
 from tests.support.wait import eventually
-from tests.support.witness import (
-    BACKEND_TIMEOUT,
-    Users,
-    Witness,
-)
+from tests.support.witness import BACKEND_TIMEOUT, Users, Witness
 
 #: Every attempt goes through the store: with the failure limiter on, the revoked user would
 #: be denied `throttled` without a lookup after a few attempts, and every test client comes

@@ -33,12 +33,7 @@ from callout.records import Permissions
 from callout.service import CalloutService
 from callout.store import Store
 from callout.store.kv import KVStore
-from tests.support.nats import (
-    AUTH_SUBJECT,
-    Keys,
-    NatsServer,
-    nats_connect,
-)
+from tests.support.nats import AUTH_SUBJECT, Keys, NatsServer, nats_connect
 
 APP = "APP"
 
