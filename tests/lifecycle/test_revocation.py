@@ -3,43 +3,12 @@ user's live connections; other users' stay up; --keep-sessions opts out."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tests.support.nats import Keys, closed, nats_connect, new_user, raw_connect
-from tests.support.service import (
-    Subprocess,
-    record,
-    run_cli,
-    seed_files,
-    serve_args,
-    spawn,
-    users_bucket,
-)
-
-
-@contextlib.asynccontextmanager
-async def revocable(
-    server: Any, files: dict[str, Path], keys: Keys, *names: str
-) -> AsyncIterator[tuple[Subprocess, Any, list[tuple[str, str]]]]:
-    """A user with a record for each name, and a service (with the system identity, so it can
-    kick) whose users cache is live; yields the service, the users bucket and each user's
-    (seed, public key)."""
-    admin = await nats_connect(server.url, keys.service_seed)
-    kv = await users_bucket(admin)
-    users = [new_user() for _ in names]
-    for name, (_, pub) in zip(names, users, strict=True):
-        await kv.put(pub, record(name))
-    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
-    try:
-        await service.await_event("users_cache_live")
-        yield service, kv, users
-    finally:
-        service.terminate()
-        await admin.close()
+from tests.support.nats import Keys, closed, raw_connect
+from tests.support.service import revocable, run_cli, seed_files, serve_args, spawn
 
 
 async def test_revoke_closes_live_connections_within_1s(revocation_setup: Any, keys: Keys) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,13 @@ from callout.records import Permissions
 from callout.service import CalloutService
 from callout.store import Store
 from callout.store.kv import KVStore
-from tests.support.nats import AUTH_SUBJECT, Keys, NatsServer, nats_connect
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    Keys,
+    NatsServer,
+    nats_connect,
+    new_user,
+)
 
 APP = "APP"
 
@@ -415,3 +421,24 @@ async def start_replicas(args: Sequence[str], n: int = 2) -> list[Subprocess]:
             replica.kill()
         raise
     return replicas
+
+
+@contextlib.asynccontextmanager
+async def revocable(
+    server: Any, files: dict[str, Path], keys: Keys, *names: str
+) -> AsyncIterator[tuple[Subprocess, Any, list[tuple[str, str]]]]:
+    """A user with a record for each name, and a service (with the system identity, so it can
+    kick) whose users cache is live; yields the service, the users bucket and each user's
+    (seed, public key)."""
+    admin = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(admin)
+    users = [new_user() for _ in names]
+    for name, (_, pub) in zip(names, users, strict=True):
+        await kv.put(pub, record(name))
+    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
+    try:
+        await service.await_event("users_cache_live")
+        yield service, kv, users
+    finally:
+        service.terminate()
+        await admin.close()
