@@ -159,8 +159,7 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     keys = deploy.make_keys()
-    users = [deploy.new_user() for _ in range(args.users)]
-    seeds, pubs = [s for s, _ in users], [p for _, p in users]
+    seeds, pubs = deploy.users(args.users)
     runs: dict[str, list[Result]] = {name: [] for name in SCENARIOS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):

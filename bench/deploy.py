@@ -75,6 +75,12 @@ def new_user() -> tuple[str, str]:
     return key.seed, key.public
 
 
+def users(n: int) -> tuple[list[str], list[str]]:
+    """`n` fresh users: their seeds, and their public keys in the same order."""
+    pairs = [new_user() for _ in range(n)]
+    return [seed for seed, _ in pairs], [pub for _, pub in pairs]
+
+
 def seed_files(keys: Keys, directory: Path) -> dict[str, Path]:
     """The seed files `callout serve` reads, by role: issuer, service, xkey."""
     directory.mkdir(parents=True, exist_ok=True)

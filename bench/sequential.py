@@ -82,8 +82,7 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=100)
     args = parser.parse_args()
     keys = deploy.make_keys()
-    users = [deploy.new_user() for _ in range(args.users)]
-    seeds, pubs = [s for s, _ in users], [p for _, p in users]
+    seeds, pubs = deploy.users(args.users)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("LIMIT", "plain", "xkey"):
