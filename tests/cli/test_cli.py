@@ -16,7 +16,6 @@ import json
 import signal
 import stat
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,21 +405,6 @@ async def test_serve_runs_from_environment_variables_alone(
 # ---------------------------------------------------------------------------------------------
 # mistakes a user can make: one line, no traceback
 # ---------------------------------------------------------------------------------------------
-def _serve_with(files: dict[str, Path], url: str, **override: str | Sequence[str]) -> list[str]:
-    flags: dict[str, str | Sequence[str]] = {
-        "--nats-url": url,
-        "--nkey-seed-file": str(files["service"]),
-        "--issuer-seed-file": str(files["issuer"]),
-        "--account": APP,
-    }
-    flags.update({"--" + k.replace("_", "-"): v for k, v in override.items()})
-    args = ["serve"]
-    for flag, value in flags.items():
-        for item in [value] if isinstance(value, str) else value:
-            args += [flag, item]
-    return args
-
-
 @pytest.mark.parametrize(
     ("case", "expect"),
     [
@@ -443,17 +427,17 @@ def test_serve_refuses_a_user_mistake_with_one_line(
     lax.write_text(keys.service_seed + "\n")
     lax.chmod(0o644)
     args = {
-        "missing_seed_file": _serve_with(files, url, nkey_seed_file=str(tmp_path / "nope.nk")),
-        "seed_file_0644": _serve_with(files, url, nkey_seed_file=str(lax)),
-        "user_seed_as_issuer": _serve_with(files, url, issuer_seed_file=str(files["service"])),
-        "account_seed_as_service": _serve_with(files, url, nkey_seed_file=str(files["issuer"])),
-        "xkey_seed_is_a_user_seed": _serve_with(files, url, xkey_seed_file=[str(files["service"])]),
-        "internal_key_not_a_user_key": _serve_with(files, url, internal_key=[keys.issuer_pub]),
-        "allowed_account_sys": _serve_with(files, url, allowed_account=[APP, "SYS"]),
-        "account_is_callout_account": _serve_with(files, url, account="AUTH"),
+        "missing_seed_file": serve_args(url, files, nkey_seed_file=str(tmp_path / "nope.nk")),
+        "seed_file_0644": serve_args(url, files, nkey_seed_file=str(lax)),
+        "user_seed_as_issuer": serve_args(url, files, issuer_seed_file=str(files["service"])),
+        "account_seed_as_service": serve_args(url, files, nkey_seed_file=str(files["issuer"])),
+        "xkey_seed_is_a_user_seed": serve_args(url, files, xkey_seed_file=[str(files["service"])]),
+        "internal_key_not_a_user_key": serve_args(url, files, internal_key=[keys.issuer_pub]),
+        "allowed_account_sys": serve_args(url, files, allowed_account=[APP, "SYS"]),
+        "account_is_callout_account": serve_args(url, files, account="AUTH"),
         # --account places internal keys and soft-mode admits even when records may not name it.
-        "account_sys_beside_allowed_app": _serve_with(
-            files, url, account="SYS", allowed_account=[APP], mode="soft"
+        "account_sys_beside_allowed_app": serve_args(
+            url, files, account="SYS", allowed_account=[APP], mode="soft"
         ),
     }[case]
     line = one_line_error(cli(*args))
@@ -494,7 +478,7 @@ def test_flags_and_environment_are_refused_at_start_with_one_line(
     flags: dict[str, str], env: dict[str, str], named: str, keys: Keys, files: dict[str, Path]
 ) -> None:
     url = f"nats://127.0.0.1:{free_port()}"  # never reached
-    line = one_line_error(cli(*_serve_with(files, url, **flags), env=env))
+    line = one_line_error(cli(*serve_args(url, files, **flags), env=env))
     assert named in line
 
 
@@ -502,7 +486,7 @@ def test_serve_with_unreachable_nats_exits_with_one_line(
     keys: Keys, files: dict[str, Path]
 ) -> None:
     port = free_port()  # nobody listens here
-    line = one_line_error(cli(*_serve_with(files, f"nats://127.0.0.1:{port}")))
+    line = one_line_error(cli(*serve_args(f"nats://127.0.0.1:{port}", files)))
     assert str(port) in line
 
 

@@ -205,18 +205,24 @@ def serve_args(
     *extra: str,
     xkey: bool = False,
     xkeys: Sequence[Path] = (),
+    **override: str | Sequence[str],
 ) -> list[str]:
     """`callout serve` arguments: the service and issuer seeds of `files`, account APP, and the
     URL of `target` (a server, or any URL list: a proxy's, a cluster's). `xkey` adds
-    `files["xkey"]`; `xkeys` adds each of those seed files in order."""
-    url = target if isinstance(target, str) else target.url
-    args = [
-        "serve",
-        "--nats-url", url,
-        "--nkey-seed-file", str(files["service"]),
-        "--issuer-seed-file", str(files["issuer"]),
-        "--account", APP,
-    ]  # fmt: skip
+    `files["xkey"]`; `xkeys` adds each of those seed files in order. `override` replaces or
+    adds a flag by its name (`nkey_seed_file="..."` is `--nkey-seed-file ...`; a list repeats
+    the flag), for tests of what `serve` refuses."""
+    flags: dict[str, str | Sequence[str]] = {
+        "--nats-url": target if isinstance(target, str) else target.url,
+        "--nkey-seed-file": str(files["service"]),
+        "--issuer-seed-file": str(files["issuer"]),
+        "--account": APP,
+    }
+    flags.update({"--" + name.replace("_", "-"): value for name, value in override.items()})
+    args = ["serve"]
+    for flag, value in flags.items():
+        for item in [value] if isinstance(value, str) else value:
+            args += [flag, item]
     for path in [files["xkey"]] * xkey + list(xkeys):
         args += ["--xkey-seed-file", str(path)]
     return [*args, *extra]
