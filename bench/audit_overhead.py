@@ -12,7 +12,7 @@ Scenarios, each a `callout serve` subprocess on its own fresh nats-server (JetSt
              buffer overflows (the worst case: a JetStream that hangs).
 Each scenario runs `--connects` sequential connects (latency a lone client sees), then the same
 number at `--concurrency` (throughput). Clients speak the protocol by hand
-(tests.harness.raw_connect). Prints client-side p50/p99, connects per second, the service's own
+(bench.loadgen's client). Prints client-side p50/p99, connects per second, the service's own
 mean decision latency (from /metrics), audit messages published and lost, and ratios to `off`.
 """
 
@@ -29,10 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import deploy
 from bench.sequential import pct
-from tests.harness import Keys, NatsServer, make_keys, nats_connect, new_user, raw_connect
-from tests.operate import samples, scrape
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
 
 SCENARIOS = ("off", "healthy", "no_stream", "silent")
 # A subscriber on the audit subjects that never answers: publishes find interest, so no
@@ -71,10 +69,10 @@ async def sequential(url: str, seeds: list[str], n: int) -> list[float]:
     latencies = []
     for i in range(n):
         start = time.perf_counter()
-        result = await raw_connect(url, seeds[i % len(seeds)], timeout=10)
+        ok = await deploy.admitted(url, seeds[i % len(seeds)])
         latencies.append(time.perf_counter() - start)
-        if not result.admitted:
-            raise SystemExit(f"an allowed user was denied ({result.error}): the run is void")
+        if not ok:
+            raise SystemExit("an allowed user was denied: the run is void")
     return latencies
 
 
@@ -85,8 +83,7 @@ async def concurrent(url: str, seeds: list[str], n: int, concurrency: int) -> fl
     async def one(i: int) -> None:
         nonlocal denied
         async with gate:
-            result = await raw_connect(url, seeds[i % len(seeds)], timeout=10)
-            denied += not result.admitted
+            denied += not await deploy.admitted(url, seeds[i % len(seeds)])
 
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -99,19 +96,19 @@ async def concurrent(url: str, seeds: list[str], n: int, concurrency: int) -> fl
 async def scenario(
     name: str,
     workdir: Path,
-    keys: Keys,
+    keys: deploy.Keys,
     seeds: list[str],
     pubs: list[str],
     args: argparse.Namespace,
 ) -> Result:
-    server = NatsServer.from_keys(workdir / name, keys).start()
+    server = deploy.callout_server(workdir / name, keys).start()
     service = None
     hole: subprocess.Popen[bytes] | None = None
-    admin = await nats_connect(server.url, keys.service_seed)
+    admin = await deploy.nats_connect(server.url, keys.service_seed)
     try:
-        kv = await users_bucket(admin)
+        kv = await deploy.users_bucket(admin)
         for pub in pubs:
-            await kv.put(pub, record("bench"))
+            await kv.put(pub, deploy.record("bench"))
         extra = ["--metrics-addr", "127.0.0.1:0"]
         if name != "off":
             extra += ["--audit-stream", "AUDIT"]
@@ -126,27 +123,23 @@ async def scenario(
             assert hole.stdout is not None
             if hole.stdout.readline().strip() != b"ready":
                 raise SystemExit("the black-hole subscriber did not start")
-        files = seed_files(keys, workdir / name / "keys")
-        service = spawn(serve_args(server, files, *extra))
-        await service.await_event("ready")
-        port = (await service.await_event("metrics_listening"))["port"]
+        files = deploy.seed_files(keys, workdir / name / "keys")
+        service = deploy.Service(deploy.serve_args(server, files, *extra))
+        await service.event("ready")
+        port = (await service.event("metrics_listening"))["port"]
         cpu_before = cpu_seconds(service.proc.pid)
         latencies = await sequential(server.url, seeds, args.connects)
         rate = await concurrent(server.url, seeds, args.connects, args.concurrency)
         cpu = (cpu_seconds(service.proc.pid) - cpu_before) / (2 * args.connects) * 1e3
-        values = samples(await scrape(port))
-        count = sum(
-            v for (n, _), v in values.items() if n == "callout_decision_duration_seconds_count"
-        )
-        total = sum(
-            v for (n, _), v in values.items() if n == "callout_decision_duration_seconds_sum"
-        )
-        published = sum(v for (n, _), v in values.items() if n == "callout_audit_published_total")
-        lost = sum(v for (n, _), v in values.items() if n == "callout_audit_lost_total")
+        values = await deploy.metrics(port)
+        count = values.get("callout_decision_duration_seconds_count", 0.0)
+        total = values.get("callout_decision_duration_seconds_sum", 0.0)
+        published = values.get("callout_audit_published_total", 0.0)
+        lost = values.get("callout_audit_lost_total", 0.0)
         return Result(latencies, rate, total / count * 1e3, cpu, published, lost)
     finally:
         if service is not None:
-            service.terminate(timeout=20)
+            service.terminate(within=20)
         if hole is not None:
             hole.kill()
             hole.wait()
@@ -165,9 +158,8 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    keys = make_keys()
-    users = [new_user() for _ in range(args.users)]
-    seeds, pubs = [s for s, _ in users], [p for _, p in users]
+    keys = deploy.make_keys()
+    seeds, pubs = deploy.users(args.users)
     runs: dict[str, list[Result]] = {name: [] for name in SCENARIOS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):

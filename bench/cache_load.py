@@ -16,9 +16,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from bench.deploy import callout_server, make_keys, nats_connect, new_user, record, users_bucket
 from callout.store.watch import WatchedStore
-from tests.harness import NatsServer, make_keys, nats_connect, new_user
-from tests.service import record, users_bucket
 
 
 async def main() -> None:
@@ -28,7 +27,7 @@ async def main() -> None:
     args = parser.parse_args()
     keys = make_keys()
     with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer.from_keys(Path(tmp), keys).start()
+        server = callout_server(Path(tmp), keys).start()
         try:
             nc = await nats_connect(server.url, keys.service_seed)
             kv = await users_bucket(nc)

@@ -28,9 +28,8 @@ from pathlib import Path
 import orjson
 from nats.aio.client import Client
 
+from bench.deploy import callout_server, make_keys, nats_connect, new_user, record, users_bucket
 from callout.store.watch import WatchedStore
-from tests.harness import NatsServer, make_keys, nats_connect, new_user
-from tests.service import record, users_bucket
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -60,7 +59,7 @@ async def main() -> None:
     args = parser.parse_args()
     keys = make_keys()
     with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer.from_keys(Path(tmp), keys).start()
+        server = callout_server(Path(tmp), keys).start()
         assert server.pid is not None
         try:
             nc = await nats_connect(server.url, keys.service_seed)

@@ -3,7 +3,7 @@ memory: open, decide and respond), no I/O.
 
     .venv/bin/python -m bench.core_cpu [--requests 5000] [--xkey] [--profile]
 
-Requests are forged like nats-server's (tests/unit/forge.py) with one record per client.
+Requests are forged like nats-server's (tests/support/forge.py) with one record per client.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import pstats
 import time
 from dataclasses import dataclass
 
+from bench.deploy import Keys, make_keys, policy, record
 from callout.decision import Answer, Authorizer
-from tests.harness import Keys, make_keys
-from tests.service import policy_for, record
-from tests.unit.forge import ClientKey, Forged, ServerIdentity, forge_request
+from tests.support.forge import ClientKey, Forged, ServerIdentity, forge_request
 
 
 @dataclass
@@ -51,7 +50,7 @@ def workload(requests: int, xkey: bool) -> Workload:
         forge_request(server, keys.issuer_pub, now=now, client=clients[i % 50], seal_to=seal)
         for i in range(requests)
     ]
-    authorizer = Authorizer(policy_for(keys, xkey=xkey))
+    authorizer = Authorizer(policy(keys, xkey=xkey))
     stored = record("bench", pub_allow=["a.>"], sub_allow=["_INBOX.>"])
     return Workload(keys, authorizer, forged, stored, now)
 

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import orjson
 
+from bench.deploy import callout_cmd, callout_server, make_keys, nats_connect, new_user, seed_files
 from callout import migrate
-from tests.harness import NatsServer, make_keys, nats_connect, new_user
-from tests.service import callout_cmd, seed_files
 
 
 @dataclass
@@ -149,7 +148,7 @@ def main() -> None:
         print(
             f"{args.rows} rows in {db_path.name} ({size:.1f} MiB), {time.monotonic() - start:.1f}s"
         )
-        server = NatsServer.from_keys(tmp / "server", keys).start()
+        server = callout_server(tmp / "server", keys).start()
         try:
             files = seed_files(keys, tmp / "keys")
             base = ["users", "--nats-url", server.url, "--nkey-seed-file", str(files["service"])]

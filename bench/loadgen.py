@@ -283,7 +283,8 @@ def limit_config(port: int, users: Sequence[str], extra: str = "") -> str:
 
 
 async def cross_check(connects: int, per_connect: float) -> int:
-    from tests.harness import NatsServer, free_port, new_user
+    from bench.deploy import new_user
+    from callout.nats_server import NatsServer, free_port
 
     allowed = [new_user() for _ in range(10)]
     unknown = [new_user() for _ in range(5)]

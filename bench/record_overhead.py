@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.record_overhead [--requests 5000] [--xkey] [--dir DIR]
 
-Requests are forged like nats-server's (tests/unit/forge.py). Measured per request, in CPU
+Requests are forged like nats-server's (tests/support/forge.py). Measured per request, in CPU
 time of the calling thread (the event loop's, in the service):
   core          Authorizer.start, the record in memory (what the service does anyway: the
                 baseline);
@@ -26,7 +26,6 @@ from pathlib import Path
 import orjson
 
 from bench.core_cpu import workload
-from callout.keys import CurveKey
 from callout.recording.writer import Recorder, record_document
 
 
@@ -37,7 +36,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> None:
     decisions = [w.authorize(f).decision for f in forged]
     core = (time.thread_time() - start) / args.requests
 
-    xkeys = (CurveKey.from_seed(keys.xkey_seed),) if args.xkey else ()
+    xkeys = (keys.xkey,) if args.xkey else ()
     recorded = sync = float("inf")
     drain = 0.0
     line_bytes = 0.0

@@ -53,10 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import deploy
 from bench.loadgen import ADMITTED, Identity, Result, connect_once, identities, limit_config
 from bench.loadgen import run as load
-from tests.harness import Keys, NatsServer, free_port, make_keys, nats_connect, new_user
-from tests.service import record, seed_files, serve_args, users_bucket
+from callout.nats_server import NatsServer, free_port
 
 SCENARIOS = ("LIMIT", "naive", "plain", "xkey")
 # Not in the default run: the naive callout under uvloop (how much of the lead is the loop's),
@@ -193,14 +193,14 @@ class Options:
     busy_retries: int
 
 
-async def seed_bucket(url: str, keys: Keys, pubs: Sequence[str]) -> None:
-    admin = await nats_connect(url, keys.service_seed)
+async def seed_bucket(url: str, keys: deploy.Keys, pubs: Sequence[str]) -> None:
+    admin = await deploy.nats_connect(url, keys.service_seed)
     try:
-        kv = await users_bucket(admin)
+        kv = await deploy.users_bucket(admin)
         for at in range(0, len(pubs), 200):
             chunk = pubs[at : at + 200]
             await asyncio.gather(
-                *(kv.put(p, record(f"bench{at + i}")) for i, p in enumerate(chunk))
+                *(kv.put(p, deploy.record(f"bench{at + i}")) for i, p in enumerate(chunk))
             )
     finally:
         await admin.close()
@@ -229,18 +229,23 @@ def spawn_service(cmd: list[str], src: Path, log_path: Path) -> subprocess.Popen
 
 
 async def start_scenario(
-    name: str, workdir: Path, keys: Keys, pubs: Sequence[str], ids: Sequence[Identity], o: Options
+    name: str,
+    workdir: Path,
+    keys: deploy.Keys,
+    pubs: Sequence[str],
+    ids: Sequence[Identity],
+    o: Options,
 ) -> Scenario:
     workdir = workdir / name
     if name == "LIMIT":
         port = free_port()
         server = NatsServer(limit_config(port, pubs), port=port, workdir=workdir)
-        scenario = Scenario(name, await server.astart())
+        scenario = Scenario(name, await asyncio.to_thread(server.start))
     else:
         xkey = name == "xkey"
-        server = await NatsServer.from_keys(workdir, keys, xkey=xkey).astart()
+        server = await asyncio.to_thread(deploy.callout_server(workdir, keys, xkey=xkey).start)
         scenario = Scenario(name, server)
-        files = seed_files(keys, workdir / "keys")
+        files = deploy.seed_files(keys, workdir / "keys")
         cmd = [sys.executable]
         if o.profile is not None:
             scenario.profile = o.profile.with_name(f"{o.profile.stem}.{name}{o.profile.suffix}")
@@ -262,7 +267,7 @@ async def start_scenario(
             await seed_bucket(server.url, keys, pubs)
             # Default flags, so every default feature is on (the decision log line
             # included), and metrics served as an operator would.
-            cmd += ["-m", "callout", *serve_args(server, files, xkey=xkey)]
+            cmd += ["-m", "callout", *deploy.serve_args(server, files, xkey=xkey)]
             cmd += ["--metrics-addr", f"127.0.0.1:{free_port()}", *o.service_args]
             if name == "plain-nolog":
                 cmd += ["--log-decisions", "none"]
@@ -734,8 +739,8 @@ def parse(argv: Sequence[str] | None) -> Options:
 async def main(argv: Sequence[str] | None = None) -> int:
     o = parse(argv)
     raise_fd_limit(o.storm_concurrency + 1000)
-    keys = make_keys()
-    users = [new_user() for _ in range(o.users)]
+    keys = deploy.make_keys()
+    users = [deploy.new_user() for _ in range(o.users)]
     pubs = [p for _, p in users]
     ids = identities([s for s, _ in users])
     phases: list[dict[str, Any]] = []

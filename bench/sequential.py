@@ -6,7 +6,7 @@ Scenarios, each on its own fresh nats-server on loopback:
   LIMIT   the same users as static nkey users in the server config (no callout at all);
   plain   `callout serve` (a subprocess) with the users in a real KV bucket;
   xkey    the same, with xkey encryption on.
-Clients speak the NATS protocol by hand (tests.harness.raw_connect: INFO, sign the nonce,
+Clients speak the NATS protocol by hand (bench.loadgen's client: INFO, sign the nonce,
 CONNECT, PING, wait for PONG), one at a time, so the figure is the latency a single
 connecting client sees. Prints p50/p90/p99, connects per second and ratios to LIMIT.
 """
@@ -20,16 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness import (
-    Keys,
-    NatsServer,
-    free_port,
-    make_keys,
-    nats_connect,
-    new_user,
-    raw_connect,
-)
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
+from bench import deploy
+from callout.nats_server import NatsServer, free_port
 
 
 def limit_config(port: int, users: list[str]) -> str:
@@ -42,16 +34,16 @@ async def measure(url: str, seeds: list[str], connects: int) -> list[float]:
     denied = 0
     for i in range(connects):
         start = time.perf_counter()
-        result = await raw_connect(url, seeds[i % len(seeds)], timeout=10)
+        ok = await deploy.admitted(url, seeds[i % len(seeds)])
         latencies.append(time.perf_counter() - start)
-        denied += not result.admitted
+        denied += not ok
     if denied:
         raise SystemExit(f"{denied} allowed users were denied: the benchmark is void")
     return latencies
 
 
 async def scenario(
-    name: str, workdir: Path, keys: Keys, seeds: list[str], pubs: list[str], connects: int
+    name: str, workdir: Path, keys: deploy.Keys, seeds: list[str], pubs: list[str], connects: int
 ) -> list[float]:
     if name == "LIMIT":
         port = free_port()
@@ -61,17 +53,17 @@ async def scenario(
         finally:
             server.stop()
     xkey = name == "xkey"
-    server = NatsServer.from_keys(workdir / name, keys, xkey=xkey).start()
+    server = deploy.callout_server(workdir / name, keys, xkey=xkey).start()
     service = None
     try:
-        admin = await nats_connect(server.url, keys.service_seed)
-        kv = await users_bucket(admin)
+        admin = await deploy.nats_connect(server.url, keys.service_seed)
+        kv = await deploy.users_bucket(admin)
         for pub in pubs:
-            await kv.put(pub, record("bench"))
+            await kv.put(pub, deploy.record("bench"))
         await admin.close()
-        files = seed_files(keys, workdir / name / "keys")
-        service = spawn(serve_args(server, files, xkey=xkey))
-        await service.await_event("ready")
+        files = deploy.seed_files(keys, workdir / name / "keys")
+        service = deploy.Service(deploy.serve_args(server, files, xkey=xkey))
+        await service.event("ready")
         return await measure(server.url, seeds, connects)
     finally:
         if service is not None:
@@ -89,9 +81,8 @@ async def main() -> None:
     parser.add_argument("--connects", type=int, default=2000)
     parser.add_argument("--users", type=int, default=100)
     args = parser.parse_args()
-    keys = make_keys()
-    users = [new_user() for _ in range(args.users)]
-    seeds, pubs = [s for s, _ in users], [p for _, p in users]
+    keys = deploy.make_keys()
+    seeds, pubs = deploy.users(args.users)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("LIMIT", "plain", "xkey"):

@@ -4,7 +4,7 @@ in one process, with no network: what each feature costs, beside the simple thin
     .venv/bin/python -m bench.shell_cpu [--chunk 250] [--rounds 40] [--xkey]
     .venv/bin/python -m bench.shell_cpu --instructions [--chunk 200]   # needs valgrind
 
-Requests are forged like nats-server's (tests/unit/forge.py), 50 clients with one record
+Requests are forged like nats-server's (tests/support/forge.py), 50 clients with one record
 each. Every variant gets the same prebuilt messages on a connection that only counts what is
 published (so nats-py's parsing and socket writes, the same for both, are left out) and is
 timed in CPU time of this process. The variants take turns on short rounds of `--chunk`

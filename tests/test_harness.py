@@ -11,12 +11,14 @@ import nkeys
 import pytest
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.harness import (
+from tests.support.nats import (
     AUTH_SUBJECT,
+    VECTOR_PUB,
+    VECTOR_SEED,
     Keys,
     NatsServer,
     NatsServerError,
+    ServerFactory,
     auth_errors,
     curve_public_from_seed,
     decode_curve_public,
@@ -31,11 +33,6 @@ from tests.harness import (
     raw_connect,
     render_config,
 )
-
-# nats-io/nkeys xkeys_test.go vector (docs/protocol.md §2)
-VECTOR_SEED = "SXAAXMRAEP6JWWHNB6IKFL554IE6LZVT6EY5MBRICPILTLOPHAG73I3YX4"
-VECTOR_PUB = "XAB3NANV3M6N7AHSQP2U5FRWKKUT7EG2ZXXABV4XVXYQRJGM4S2CZGHT"
-
 
 # ---------------------------------------------------------------------------
 # keys (no server)

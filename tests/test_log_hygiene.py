@@ -1,4 +1,4 @@
-"""Seeds, signatures and JWTs never reach the logs (issue 3, "Secrets and hygiene").
+"""Seeds, signatures and JWTs never reach the logs.
 
 Scanning every log of the whole suite would tie this test to every other one; instead one
 representative session runs here, with xkey on, and ALL of its output is scanned:
@@ -29,7 +29,7 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,20 +39,21 @@ import pytest
 from nats.aio.msg import Msg
 
 from callout.decision import Decision
-from tests.cli import wait_logged
-from tests.conftest import ServerFactory
-from tests.harness import (
+from tests.support.hostile import HOSTILE, Case, auth_account_body, hostile_account_body, load_all
+from tests.support.hygiene import KNOWN_LEAKS, scan
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
+    NatsServer,
+    ServerFactory,
     decode_curve_public,
     decode_curve_seed,
     nats_connect,
     new_user,
     raw_connect,
 )
-from tests.hostile import Case, load_all
-from tests.hostile.test_corpus_wire import HOSTILE, auth_account_body, hostile_account_body
-from tests.service import (
+from tests.support.operate import captured_logs
+from tests.support.service import (
     InProcess,
     Subprocess,
     record,
@@ -62,30 +63,8 @@ from tests.service import (
     spawn,
     start_in_process,
     users_bucket,
+    wait_logged,
 )
-
-KNOWN_LEAKS: set[str] = set()
-SEED = re.compile(r"S[OANCUX][A-Z2-7]{56}")
-JWT = re.compile(r"eyJ")
-# A signature is 86 (RawURL) or 88 (padded standard) characters of one base64 alphabet. Runs
-# are taken per alphabet so that a file path (which mixes '/' with '-' or '_') is not one.
-B64_RUNS = (re.compile(r"[A-Za-z0-9+/]{80,}={0,2}"), re.compile(r"[A-Za-z0-9_-]{80,}"))
-# A sealed payload starts with b"xkv1" and a random nonce. The word itself in the core's fixed
-# detail texts ("payload is not an xkv1 box") names the format and is followed by a space.
-XKV = re.compile(r"xkv1(?! )")
-
-
-def scan(text: str, secrets: Iterable[str] = ()) -> list[str]:
-    """Every place `text` shows something that must never be logged."""
-    found = [f"seed {m.group()[:6]}... at {m.start()}" for m in SEED.finditer(text)]
-    found += [
-        f"JWT at {m.start()}: {text[m.start() : m.start() + 24]!r}" for m in JWT.finditer(text)
-    ]
-    for pattern in B64_RUNS:
-        found += [f"base64 run of {len(m.group())} at {m.start()}" for m in pattern.finditer(text)]
-    found += [f"xkv1 at {m.start()}" for m in XKV.finditer(text)]
-    found += [f"known secret {s[:6]}..." for s in sorted(secrets) if s and s in text]
-    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,20 +118,8 @@ class Capture(logging.Handler):
 
 @pytest.fixture
 def captured() -> Iterator[Capture]:
-    handler = Capture()
-    ours, root = logging.getLogger("callout"), logging.getLogger()
-    saved = (ours.level, root.level)
-    ours.addHandler(handler)
-    root.addHandler(handler)
-    ours.setLevel(logging.DEBUG)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs(Capture(), root=True) as handler:
         yield handler
-    finally:
-        ours.removeHandler(handler)
-        root.removeHandler(handler)
-        ours.setLevel(saved[0])
-        root.setLevel(saved[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +360,8 @@ def seed_file(directory: Path, name: str, seed: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("claimed", ["seed", "jwt"])
 async def test_a_claimed_nkey_that_is_not_a_key_is_not_logged(
-    nats_server: ServerFactory, keys: Keys, captured: Capture, claimed: str
+    server: NatsServer, keys: Keys, captured: Capture, claimed: str
 ) -> None:
-    server = nats_server()
     svc = await start_in_process(server, keys)
     seed, _ = new_user()
     # A client misconfigured with its seed in `nkey`, or one sending something JWT-shaped.
@@ -410,9 +376,8 @@ async def test_a_claimed_nkey_that_is_not_a_key_is_not_logged(
 
 
 def test_a_seed_given_as_a_key_is_not_echoed(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, tmp_path: Path
 ) -> None:
-    server = nats_server()
     files = seed_files(keys, tmp_path)
     seed, _ = new_user()
     done = run_cli(

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bench.loadgen import ADMITTED, DENIED, identities, limit_config, run
-from tests.harness import NatsServer, free_port, new_user
+from tests.support.nats import NatsServer, free_port, new_user
 
 
 @asynccontextmanager

@@ -1,5 +1,5 @@
 """The command-line contract, black-box: `python -m callout ...` as a subprocess against a
-real nats-server (issue 2, "Contract").
+real nats-server.
 
 - `keys generate`: three 0600 seed files of the right kinds, never overwritten.
 - `users add/get/list/revoke`: records as the contract spells them, keys upper-cased,
@@ -16,7 +16,6 @@ import json
 import signal
 import stat
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,10 @@ import pytest
 from nats.aio.client import Client as NATSClient
 from nats.js.api import StreamConfig
 
-from tests.cli import kill_quietly, wait_logged
-from tests.conftest import ServerFactory
-from tests.harness import (
+from tests.support.nats import (
     Keys,
     NatsServer,
+    ServerFactory,
     auth_errors,
     curve_public_from_seed,
     free_port,
@@ -40,8 +38,9 @@ from tests.harness import (
     next_event,
     raw_connect,
 )
-from tests.service import (
+from tests.support.service import (
     APP,
+    kill_quietly,
     live_keys,
     record,
     run_cli,
@@ -49,6 +48,7 @@ from tests.service import (
     serve_args,
     spawn,
     users_bucket,
+    wait_logged,
 )
 
 # A correct CLI answers every one of these in well under a second of work; the bound only
@@ -133,10 +133,8 @@ def test_keys_generate_writes_three_private_seeds_and_never_overwrites(tmp_path:
 # users
 # ---------------------------------------------------------------------------------------------
 async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     perms = ["--pub-allow", "orders.>", "--pub-allow", "$SYS.REQ.USER.INFO"]
     perms += ["--pub-deny", "orders.secret", "--sub-allow", "_INBOX.>", "--sub-deny", "x.*"]
@@ -170,9 +168,7 @@ async def test_users_add_then_get_stores_the_record_under_the_upper_case_key(
         await nc.close()
 
 
-async def test_users_add_admin_flag(nats_server: ServerFactory, keys: Keys, tmp_path: Path) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
+async def test_users_add_admin_flag(server: NatsServer, keys: Keys, files: dict[str, Path]) -> None:
     _, pub = new_user()
     assert json_out(await acli(*users_cmd(server, files, "add", pub, "--admin")))["admin"] is True
     got = json_out(await acli(*users_cmd(server, files, "get", pub)))
@@ -180,10 +176,8 @@ async def test_users_add_admin_flag(nats_server: ServerFactory, keys: Keys, tmp_
 
 
 async def test_users_duplicate_add_fails_and_keeps_the_first_record(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     json_out(await acli(*users_cmd(server, files, "add", pub, "--name", "first")))
     line = one_line_error(
@@ -194,10 +188,8 @@ async def test_users_duplicate_add_fails_and_keeps_the_first_record(
 
 
 async def test_users_invalid_key_or_subject_is_refused_before_anything_is_written(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         bad_key = one_line_error(await acli(*users_cmd(server, files, "add", "UNOTAKEY")))
@@ -224,10 +216,8 @@ async def test_users_invalid_key_or_subject_is_refused_before_anything_is_writte
 
 
 async def test_users_get_of_an_absent_key_exits_1(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     result = await acli(*users_cmd(server, files, "get", pub))
     assert result.returncode == 1
@@ -236,10 +226,8 @@ async def test_users_get_of_an_absent_key_exits_1(
 
 
 async def test_users_list_prints_one_json_object_per_line(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     assert (await acli(*users_cmd(server, files, "list"))).stdout == ""  # empty bucket
     added = {new_user()[1]: name for name in ("ann", "ben", "cat")}
     for pub, name in added.items():
@@ -254,10 +242,8 @@ async def test_users_list_prints_one_json_object_per_line(
 
 
 async def test_revoke_keeps_the_record_and_a_running_service_then_denies(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     seed, pub = new_user()
     json_out(await acli(*users_cmd(server, files, "add", pub, "--name", "rita")))
     handle = spawn(serve_args(server, files))
@@ -291,10 +277,8 @@ async def test_revoke_keeps_the_record_and_a_running_service_then_denies(
 
 
 async def test_revoke_of_an_absent_key_exits_1(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     _, pub = new_user()
     result = await acli(*users_cmd(server, files, "revoke", pub))
     assert result.returncode == 1 and result.stdout == ""
@@ -302,10 +286,8 @@ async def test_revoke_of_an_absent_key_exits_1(
 
 
 async def test_users_creates_a_missing_bucket_with_the_requested_replicas(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         assert await stream_state(nc) is None
@@ -325,10 +307,8 @@ async def test_users_creates_a_missing_bucket_with_the_requested_replicas(
 
 
 async def test_users_replicas_3_on_a_single_server_fails_with_one_line(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     line = one_line_error(await acli(*users_cmd(server, files, "--replicas", "3", "list")))
     assert "replica" in line.lower()
     nc = await nats_connect(server.url, keys.service_seed)
@@ -349,10 +329,8 @@ def test_users_replicas_out_of_range_is_refused(replicas: str, tmp_path: Path) -
 
 
 async def test_a_stream_named_like_the_bucket_that_is_not_a_kv_bucket_is_a_clear_error(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         js = nc.jetstream()
@@ -371,10 +349,8 @@ async def test_a_stream_named_like_the_bucket_that_is_not_a_kv_bucket_is_a_clear
 # flags from the environment
 # ---------------------------------------------------------------------------------------------
 async def test_users_reads_its_flags_from_the_environment(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     env = {
         "CALLOUT_NATS_URL": server.url,
         "CALLOUT_NKEY_SEED_FILE": str(files["service"]),
@@ -397,7 +373,7 @@ async def test_serve_runs_from_environment_variables_alone(
     nats_server: ServerFactory, keys: Keys, tmp_path: Path
 ) -> None:
     """Every flag from CALLOUT_*, including a comma list for the repeatable --internal-key;
-    no users bucket exists, so only the two internal keys get in (issue 2, point 6)."""
+    no users bucket exists, so only the two internal keys get in."""
     server = nats_server(xkey=True)
     files = seed_files(keys, tmp_path / "seeds")
     (seed1, pub1), (seed2, pub2), (stranger, _) = new_user(), new_user(), new_user()
@@ -429,21 +405,6 @@ async def test_serve_runs_from_environment_variables_alone(
 # ---------------------------------------------------------------------------------------------
 # mistakes a user can make: one line, no traceback
 # ---------------------------------------------------------------------------------------------
-def _serve_with(files: dict[str, Path], url: str, **override: str | Sequence[str]) -> list[str]:
-    flags: dict[str, str | Sequence[str]] = {
-        "--nats-url": url,
-        "--nkey-seed-file": str(files["service"]),
-        "--issuer-seed-file": str(files["issuer"]),
-        "--account": APP,
-    }
-    flags.update({"--" + k.replace("_", "-"): v for k, v in override.items()})
-    args = ["serve"]
-    for flag, value in flags.items():
-        for item in [value] if isinstance(value, str) else value:
-            args += [flag, item]
-    return args
-
-
 @pytest.mark.parametrize(
     ("case", "expect"),
     [
@@ -459,25 +420,24 @@ def _serve_with(files: dict[str, Path], url: str, **override: str | Sequence[str
     ],
 )
 def test_serve_refuses_a_user_mistake_with_one_line(
-    case: str, expect: str, keys: Keys, tmp_path: Path
+    case: str, expect: str, keys: Keys, tmp_path: Path, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     url = f"nats://127.0.0.1:{free_port()}"  # never reached: each mistake is caught first
-    lax = tmp_path / "seeds" / "lax.nk"
+    lax = files["service"].parent / "lax.nk"
     lax.write_text(keys.service_seed + "\n")
     lax.chmod(0o644)
     args = {
-        "missing_seed_file": _serve_with(files, url, nkey_seed_file=str(tmp_path / "nope.nk")),
-        "seed_file_0644": _serve_with(files, url, nkey_seed_file=str(lax)),
-        "user_seed_as_issuer": _serve_with(files, url, issuer_seed_file=str(files["service"])),
-        "account_seed_as_service": _serve_with(files, url, nkey_seed_file=str(files["issuer"])),
-        "xkey_seed_is_a_user_seed": _serve_with(files, url, xkey_seed_file=[str(files["service"])]),
-        "internal_key_not_a_user_key": _serve_with(files, url, internal_key=[keys.issuer_pub]),
-        "allowed_account_sys": _serve_with(files, url, allowed_account=[APP, "SYS"]),
-        "account_is_callout_account": _serve_with(files, url, account="AUTH"),
+        "missing_seed_file": serve_args(url, files, nkey_seed_file=str(tmp_path / "nope.nk")),
+        "seed_file_0644": serve_args(url, files, nkey_seed_file=str(lax)),
+        "user_seed_as_issuer": serve_args(url, files, issuer_seed_file=str(files["service"])),
+        "account_seed_as_service": serve_args(url, files, nkey_seed_file=str(files["issuer"])),
+        "xkey_seed_is_a_user_seed": serve_args(url, files, xkey_seed_file=[str(files["service"])]),
+        "internal_key_not_a_user_key": serve_args(url, files, internal_key=[keys.issuer_pub]),
+        "allowed_account_sys": serve_args(url, files, allowed_account=[APP, "SYS"]),
+        "account_is_callout_account": serve_args(url, files, account="AUTH"),
         # --account places internal keys and soft-mode admits even when records may not name it.
-        "account_sys_beside_allowed_app": _serve_with(
-            files, url, account="SYS", allowed_account=[APP], mode="soft"
+        "account_sys_beside_allowed_app": serve_args(
+            url, files, account="SYS", allowed_account=[APP], mode="soft"
         ),
     }[case]
     line = one_line_error(cli(*args))
@@ -515,23 +475,24 @@ def test_serve_refuses_a_user_mistake_with_one_line(
     ],
 )
 def test_flags_and_environment_are_refused_at_start_with_one_line(
-    flags: dict[str, str], env: dict[str, str], named: str, keys: Keys, tmp_path: Path
+    flags: dict[str, str], env: dict[str, str], named: str, keys: Keys, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     url = f"nats://127.0.0.1:{free_port()}"  # never reached
-    line = one_line_error(cli(*_serve_with(files, url, **flags), env=env))
+    line = one_line_error(cli(*serve_args(url, files, **flags), env=env))
     assert named in line
 
 
-def test_serve_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: Path) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
+def test_serve_with_unreachable_nats_exits_with_one_line(
+    keys: Keys, files: dict[str, Path]
+) -> None:
     port = free_port()  # nobody listens here
-    line = one_line_error(cli(*_serve_with(files, f"nats://127.0.0.1:{port}")))
+    line = one_line_error(cli(*serve_args(f"nats://127.0.0.1:{port}", files)))
     assert str(port) in line
 
 
-def test_users_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: Path) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
+def test_users_with_unreachable_nats_exits_with_one_line(
+    keys: Keys, files: dict[str, Path]
+) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     line = one_line_error(
@@ -542,9 +503,8 @@ def test_users_with_unreachable_nats_exits_with_one_line(keys: Keys, tmp_path: P
 
 @pytest.mark.parametrize("problem", ["missing", "0644", "account_seed"])
 def test_users_refuses_a_bad_seed_file_with_one_line(
-    problem: str, keys: Keys, tmp_path: Path
+    problem: str, keys: Keys, tmp_path: Path, files: dict[str, Path]
 ) -> None:
-    files = seed_files(keys, tmp_path / "seeds")
     path = {"missing": tmp_path / "nope.nk", "0644": tmp_path / "lax.nk"}.get(
         problem, files["issuer"]
     )
@@ -562,17 +522,15 @@ def test_users_refuses_a_bad_seed_file_with_one_line(
 # serve: logs and shutdown
 # ---------------------------------------------------------------------------------------------
 async def test_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "seeds")
     handle = spawn(serve_args(server, files))
     try:
         await handle.await_event("ready")
         seed, client = new_user()
         result = await raw_connect(server.url, seed)
         assert not result.admitted  # one decision line
-        # No bucket yet: the service is up and denies everyone but internal keys (issue 2, 6).
+        # No bucket yet: the service is up and denies everyone but internal keys.
         decision = await handle.await_event("decision", reason="store_unavailable")
         # One line per decision: the client's public key, the decision, the reason, latency,
         # and the connection (server id and client id, as in the server's INFO).

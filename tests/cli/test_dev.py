@@ -1,4 +1,4 @@
-"""`callout dev`, the embedded default (issue 2, "The embedded default and the README"):
+"""`callout dev`, the embedded default:
 a bundled nats-server, keys generated on first run and kept in the data dir, a demo user,
 the service, and the exact command to connect as the demo user; Ctrl-C stops both.
 """
@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shlex
-import signal
 import socket
 import subprocess
 from pathlib import Path
 
-from tests.cli import kill_quietly, wait_logged
-from tests.harness import free_port, raw_connect
-from tests.service import Subprocess, spawn
-
-START_TIMEOUT = 30.0  # first run: nats-server start, JetStream, bucket creation
+from tests.support.nats import free_port, raw_connect
+from tests.support.service import (
+    START_TIMEOUT,
+    Subprocess,
+    kill_quietly,
+    printed,
+    spawn,
+    stop_with_ctrl_c,
+)
 
 
 def start_dev(data_dir: Path, port: int) -> Subprocess:
@@ -43,21 +45,6 @@ def nats_server_pids(conf: Path) -> list[int]:
         if str(conf).encode() in argv and any(a.endswith(b"nats-server") for a in argv):
             pids.append(int(proc.name))
     return pids
-
-
-def printed(handle: Subprocess, pattern: str) -> re.Match[str]:
-    """A match in the non-JSON text `callout dev` prints on stderr for the human."""
-    for line in handle.raw:
-        if (m := re.search(pattern, line)) is not None:
-            return m
-    raise AssertionError(f"{pattern!r} not printed; stderr:\n" + "\n".join(handle.raw))
-
-
-async def stop_with_ctrl_c(handle: Subprocess) -> int:
-    handle.proc.send_signal(signal.SIGINT)
-    code = await asyncio.to_thread(handle.proc.wait, 15)
-    await asyncio.to_thread(wait_logged, handle, "nats_server_stopped")
-    return code
 
 
 async def connect_as_demo(port: int, data: Path) -> bool:

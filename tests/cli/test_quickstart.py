@@ -16,10 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.cli import kill_quietly
-from tests.cli.test_dev import START_TIMEOUT, printed, stop_with_ctrl_c
-from tests.harness import free_port
-from tests.service import spawn
+from tests.support.nats import free_port
+from tests.support.service import START_TIMEOUT, kill_quietly, printed, spawn, stop_with_ctrl_c
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "### Walkthrough: add, connect, revoke, replay"

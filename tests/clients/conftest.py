@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.clients import Client, Missing, go_client, js_client
-from tests.harness import Keys, NatsServer, free_port, make_keys, new_user, render_config
-from tests.service import Subprocess, run_cli, seed_files, serve_args, spawn, write_seed
+from tests.support.clients import Client, Deployment, Missing, go_client, js_client
+from tests.support.nats import NatsServer, free_port, make_keys, new_user, render_config
+from tests.support.service import run_cli, seed_files, serve_args, spawn, write_seed
 
 _BUILT: dict[str, Client | Missing] = {}
 
@@ -29,14 +27,6 @@ def client(request: pytest.FixtureRequest) -> Client:
             pytest.fail(f"{name} client: {found}")
         pytest.skip(f"{name} client: {found}")
     return found
-
-
-@dataclass
-class Deployment:
-    server: NatsServer
-    service: Subprocess
-    keys: Keys
-    seeds: Path  # a directory for client seed files
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""nats.go and the JS client through callout (see tests/clients/__init__.py): admitted; denied
+"""nats.go and the JS client through callout (see tests/support/clients.py): admitted; denied
 (the client sees `Authorization Violation`, the service logged the actionable reason); a
 publish outside the record's allow list refused by the server; and a connection kicked by a
 revocation, whose automatic reconnect the callout denies."""
@@ -6,7 +6,6 @@ revocation, whose automatic reconnect the callout denies."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import subprocess
@@ -15,10 +14,10 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from tests.clients import Client
-from tests.clients.conftest import Deployment
-from tests.harness import AUTH_SUBJECT, nats_connect, new_user
-from tests.service import record, users_bucket, write_seed
+from tests.support.admission import jwt_claims
+from tests.support.clients import Client, Deployment
+from tests.support.nats import AUTH_SUBJECT, nats_connect, new_user
+from tests.support.service import record, users_bucket, write_seed
 
 
 def events(output: str) -> list[dict[str, Any]]:
@@ -63,19 +62,13 @@ def user(deployment: Deployment, name: str) -> tuple[Path, str]:
     return write_seed(deployment.seeds / f"{name}-{public[:8]}.nk", seed), public
 
 
-def claims(token: bytes) -> dict[str, Any]:
-    segment = token.split(b".")[1]
-    doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
-    return doc
-
-
 async def test_admitted(client: Client, deployment: Deployment) -> None:
     seed, alice = user(deployment, "alice")
     admin = await nats_connect(deployment.server.url, deployment.keys.service_seed)
     requests: list[dict[str, Any]] = []
 
     async def bystander(msg: Msg) -> None:
-        requests.append(claims(msg.data))
+        requests.append(jwt_claims(msg.data))
 
     try:
         await (await users_bucket(admin)).put(alice, record("alice"))
@@ -115,11 +108,7 @@ async def test_publish_outside_the_allow_list_is_refused(
     client: Client, deployment: Deployment
 ) -> None:
     seed, bob = user(deployment, "bob")
-    admin = await nats_connect(deployment.server.url, deployment.keys.service_seed)
-    try:
-        await (await users_bucket(admin)).put(bob, record("bob", pub_allow=["orders.>"]))
-    finally:
-        await admin.close()
+    await deployment.put(bob, record("bob", pub_allow=["orders.>"]))
     code, seen = await asyncio.to_thread(
         run, client, deployment.server.url, seed, "publish", "secret.plans"
     )

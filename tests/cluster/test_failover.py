@@ -1,4 +1,4 @@
-"""Failures in the cluster (issue 5, "Cluster tests"):
+"""Failures in the cluster:
 
 - the node leading the users stream goes away, gracefully (SIGTERM: `docker compose stop`, a
   rolling restart) or by crashing (SIGKILL): an allowed user is admitted again through the
@@ -35,18 +35,16 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
-from tests.cluster.cluster import (
+from tests.support.cluster import (
     admin_connection,
-    cluster_serve_args,
     connect_via,
     create_users_bucket,
     decisions,
     running_cluster,
-    start_replicas,
-    until,
 )
-from tests.harness import AUTH_SUBJECT, Keys, new_user
-from tests.service import record, seed_files, users_bucket
+from tests.support.nats import AUTH_SUBJECT, Keys, new_user
+from tests.support.service import record, serve_args, start_replicas, users_bucket
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +63,12 @@ PACE = 0.01
 
 @pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
 async def test_losing_the_users_stream_leader(
-    tmp_path: Path, keys: Keys, crash: bool, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    files: dict[str, Path],
+    keys: Keys,
+    crash: bool,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     allowed_seed, allowed = new_user()
     revoked_seed, revoked = new_user()
     stranger_seed, stranger = new_user()
@@ -84,7 +85,7 @@ async def test_losing_the_users_stream_leader(
             await kv.put(allowed, record("allowed", admin=True))
             await kv.put(revoked, record("revoked", admin=True, revoked=True))
             await kv.put(late, record("late", admin=True))
-            replicas = await start_replicas(cluster_serve_args(cluster, files))
+            replicas = await start_replicas(serve_args(cluster.urls, files))
             leader = await cluster.stream_leader(nc)
             survivors = [node for i, node in enumerate(cluster.nodes) if i != leader]
             for node in cluster.nodes:
@@ -208,9 +209,11 @@ STUCK = 0.3
 
 
 async def test_killing_a_replica_during_a_burst_leaves_no_allowed_user_denied(
-    tmp_path: Path, keys: Keys, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    files: dict[str, Path],
+    keys: Keys,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     users = [new_user() for _ in range(BURST)]
     async with running_cluster(tmp_path, keys) as cluster:
         await create_users_bucket(cluster, files)
@@ -220,7 +223,7 @@ async def test_killing_a_replica_during_a_burst_leaves_no_allowed_user_denied(
             kv = await users_bucket(nc)
             for i, (_, public) in enumerate(users):
                 await kv.put(public, record(f"u{i}", admin=True))
-            replicas = await start_replicas(cluster_serve_args(cluster, files))
+            replicas = await start_replicas(serve_args(cluster.urls, files))
             failures: list[str | None] = []
             started_after_kill = 0
             killed = asyncio.Event()
@@ -259,18 +262,18 @@ async def test_killing_a_replica_during_a_burst_leaves_no_allowed_user_denied(
             await nc.flush()
 
             burst = [asyncio.create_task(client(i, seed)) for i, (seed, _) in enumerate(users)]
-            await until(lambda: len(decisions(replicas)) >= BURST // 4)
+            await eventually(lambda: len(decisions(replicas)) >= BURST // 4)
             victim, survivor = sorted(replicas, key=lambda r: len(r.events("decision")))[::-1]
             victim.proc.send_signal(signal.SIGSTOP)
             victim_decided = len(victim.events("decision"))
             # Requests waiting on the frozen replica: they are lost with it.
-            await until(lambda: unanswered(STUCK) >= 2)
+            await eventually(lambda: unanswered(STUCK) >= 2)
             victim.kill()
             killed.set()
             admitted = await asyncio.gather(*burst)
             # Each request nobody answered failed one attempt (the server's timeout), and was
             # retried; answers seen late over the routes only lower the count.
-            await until(lambda: len(failures) >= unanswered())
+            await eventually(lambda: len(failures) >= unanswered())
             assert unanswered() >= 1  # the kill did take requests with it
 
             record_property("retries", len(failures))

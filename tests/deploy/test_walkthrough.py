@@ -1,11 +1,11 @@
 """The README's "Deploying" section, followed step by step where it can run here: everything
-but the docker commands themselves (issue 5, "Done when").
+but the docker commands themselves.
 
 The compose topology runs as local processes, from the compose file itself: three nats-server
 processes on `deploy/cluster/nats-N.conf` (only addresses and the data directory moved to
 loopback and a temporary directory), the init script and `callout serve` with the services'
 own environment, their container paths mapped to the files compose would mount
-(`tests/deploy/compose.py`). A `docker compose exec callout CMD` of the docs runs CMD with the
+(`tests/support/compose.py`). A `docker compose exec callout CMD` of the docs runs CMD with the
 `callout` service's environment.
 
 Steps: setup writes the keys; init creates the R3 bucket and the admin (and is harmless when
@@ -33,11 +33,11 @@ import orjson
 import pytest
 from nats.aio.client import Client
 
-from tests.cluster.cluster import READY_TIMEOUT, _healthy, distinct_ports
-from tests.deploy.compose import REPO, LocalCompose, copy_checkout, load_compose, run_setup
-from tests.faults.scenario import eventually
-from tests.harness import NatsServer, free_port, new_user, raw_connect
-from tests.service import Subprocess, spawn
+from tests.support.cluster import READY_TIMEOUT, _healthy, distinct_ports
+from tests.support.compose import REPO, LocalCompose, copy_checkout, load_compose, run_setup
+from tests.support.nats import NatsServer, free_port, new_user, raw_connect
+from tests.support.service import Subprocess, spawn
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -9,160 +9,19 @@ The helpers at the top (`deployment`, `user_info`, `denied`/`expect_denied`, `jw
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
-from nats.aio.client import Client
 
-from tests.conftest import ServerFactory
-from tests.harness import (
-    Keys,
-    NatsServer,
-    RawResult,
-    auth_errors,
-    nats_connect,
-    new_user,
-    next_event,
-    raw_connect,
-)
-from tests.service import (
-    APP,
-    InProcess,
-    record,
-    run_cli,
-    seed_files,
-    start_in_process,
-    users_bucket,
-)
-
-USER_INFO = "$SYS.REQ.USER.INFO"
-#: The prefix nats-server puts before a service's `error` text in the AUTH.ERR event (§3 check 7).
-SERVICE_ERROR = "Auth callout service returned an error: "
-AUTH_VIOLATION = "Authorization Violation"
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Deployment:
-    """A started server, an AUTH-account connection (the service identity, which may read the
-    users bucket and the AUTH.ERR events) and, usually, an in-process service."""
-
-    server: NatsServer
-    admin: Client
-    events: asyncio.Queue[dict[str, Any]]
-    svc: InProcess | None = None
-
-    async def put(self, pub: str, value: bytes) -> None:
-        kv = await users_bucket(self.admin)
-        await kv.put(pub, value)
-
-    async def reason(self, user: str, timeout: float = 5.0) -> str:
-        """The reason of the next auth-error event for this client (`client.user`: the nkey,
-        the username, or `[REDACTED]` for a token)."""
-        event = await next_event(
-            self.events, lambda e: e.get("client", {}).get("user") == user, timeout=timeout
-        )
-        reason: str = event["reason"]
-        return reason
-
-
-@contextlib.asynccontextmanager
-async def deployment(
-    server: NatsServer, keys: Keys, *, start: bool = True, **policy: Any
-) -> AsyncIterator[Deployment]:
-    admin = await nats_connect(server.url, keys.service_seed)
-    dep = Deployment(server, admin, await auth_errors(admin))
-    try:
-        if start:
-            dep.svc = await start_in_process(server, keys, **policy)
-        yield dep
-    finally:
-        if dep.svc is not None:
-            await dep.svc.stop()
-        await admin.close()
-
-
-async def user_info(nc: Client) -> dict[str, Any]:
-    """`$SYS.REQ.USER.INFO` as the connected user sees itself: account, name, permissions."""
-    msg = await nc.request(USER_INFO, b"", timeout=2)
-    data: dict[str, Any] = orjson.loads(msg.data)["data"]
-    return data
-
-
-async def denied(
-    dep: Deployment, seed: str | None, *, user: str | None = None, **raw: Any
-) -> tuple[RawResult, str]:
-    """Connect by hand; assert the client got `Authorization Violation`; return the result and
-    the reason of the server's auth-error event for it."""
-    result = await raw_connect(dep.server.url, seed, **raw)
-    assert not result.admitted
-    assert result.error == AUTH_VIOLATION
-    who = user if user is not None else result.connect.get("nkey")
-    assert isinstance(who, str)
-    return result, await dep.reason(who)
-
-
-async def expect_denied(
-    dep: Deployment, seed: str | None, reason: str, *, user: str | None = None, **raw: Any
-) -> RawResult:
-    """Denied, and the server's event carries exactly our reason text (a server-side timeout
-    would carry an empty reason, §3 table: so this also proves an explicit error response)."""
-    result, got = await denied(dep, seed, user=user, **raw)
-    assert got == SERVICE_ERROR + reason
-    return result
-
-
-def jwt_claims(token: bytes | str) -> dict[str, Any]:
-    """The claims of a compact JWT, unverified: only to look at what went over the wire."""
-    raw = token.encode() if isinstance(token, str) else token
-    payload = raw.split(b".")[1]
-    claims: dict[str, Any] = orjson.loads(
-        base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4))
-    )
-    return claims
-
-
-def perms(
-    pub_allow: list[str], pub_deny: list[str], sub_allow: list[str], sub_deny: list[str]
-) -> dict[str, Any]:
-    """The `permissions` object of USER.INFO for these lists, in `granted` form."""
-    return granted(
-        {
-            "permissions": {
-                "publish": {"allow": pub_allow, "deny": pub_deny},
-                "subscribe": {"allow": sub_allow, "deny": sub_deny},
-            }
-        }
-    )
-
-
-def granted(info: dict[str, Any]) -> dict[str, Any]:
-    """USER.INFO's `permissions`, normalised: the server lists subjects in no fixed order and
-    omits empty lists (and the whole object for an unrestricted user)."""
-    out: dict[str, Any] = {}
-    for kind, rules in (info.get("permissions") or {}).items():
-        lists = {k: sorted(v) for k, v in rules.items() if v}
-        if lists:
-            out[kind] = lists
-    return out
+from tests.support.admission import USER_INFO, deployment, expect_denied, granted, info_as, perms
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user, raw_connect
+from tests.support.service import APP, record, run_cli
 
 
 # ---------------------------------------------------------------------------------------------
 # admitted
 # ---------------------------------------------------------------------------------------------
-async def test_known_user_gets_exactly_its_permissions(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_known_user_gets_exactly_its_permissions(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     pub_allow, pub_deny = ["orders.>", USER_INFO], ["orders.secret"]
     sub_allow, sub_deny = ["_INBOX.>", "orders.*"], ["orders.audit"]
@@ -177,11 +36,7 @@ async def test_known_user_gets_exactly_its_permissions(
                 sub_deny=sub_deny,
             ),
         )
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP
         assert info["user"] == "alice"  # the record's name becomes the user name (§3 check 16)
         assert granted(info) == perms(pub_allow, pub_deny, sub_allow, sub_deny)
@@ -205,17 +60,12 @@ async def test_known_user_gets_exactly_its_permissions(
             assert await conn.ping() is None
 
 
-async def test_admin_record_has_no_restrictions(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_admin_record_has_no_restrictions(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         # admin wins over whatever lists the record also carries.
         await dep.put(pub, record("root", admin=True, pub_allow=["only.this"]))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP
         assert info["user"] == "root"
         assert "permissions" not in info
@@ -235,11 +85,7 @@ async def test_record_account_places_user_in_that_allowed_account(
     seed, pub = new_user()
     async with deployment(server, keys, allowed_accounts=frozenset({APP, "OTHER"})) as dep:
         await dep.put(pub, record("olga", account="OTHER", pub_allow=[USER_INFO]))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == "OTHER"
         assert granted(info) == perms([USER_INFO], [], [], [])
 
@@ -247,8 +93,7 @@ async def test_record_account_places_user_in_that_allowed_account(
 # ---------------------------------------------------------------------------------------------
 # denied
 # ---------------------------------------------------------------------------------------------
-async def test_unknown_and_revoked_users_denied(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_unknown_and_revoked_users_denied(server: NatsServer, keys: Keys) -> None:
     stranger, _ = new_user()
     revoked_seed, revoked_pub = new_user()
     async with deployment(server, keys) as dep:
@@ -281,10 +126,7 @@ async def test_unknown_and_revoked_users_denied(nats_server: ServerFactory, keys
         pytest.param(b'{"name": "x", "account": 5}', id="account-not-a-string"),
     ],
 )
-async def test_malformed_record_denied(
-    nats_server: ServerFactory, keys: Keys, value: bytes
-) -> None:
-    server = nats_server()
+async def test_malformed_record_denied(server: NatsServer, keys: Keys, value: bytes) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         await dep.put(pub, value)
@@ -336,9 +178,8 @@ async def test_record_naming_an_unlisted_account_denied(
 
 @pytest.mark.parametrize("account", ["SYS", "AUTH"])
 def test_serve_refuses_system_or_callout_account_as_allowed(
-    tmp_path: Path, keys: Keys, account: str
+    files: dict[str, Path], keys: Keys, account: str
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     done = run_cli(
         "serve",
         "--nats-url", "nats://127.0.0.1:1",

@@ -3,13 +3,12 @@ service runs under `faketime`, its monotonic clock left alone), with the server'
 `authorization.timeout` at 1 s and at the default 2 s: known users are admitted and unknown
 ones denied with the service's reason, every time.
 
-The lookup deadline used to compare the server's whole-second `exp` with the service's own
-clock: a host ahead of its server timed lookups out at once (`store_timeout` for a known
-user) and, by more than a second past `exp`, dropped requests as expired (the client waited
-out the server's timeout). It is now measured from the local receive time plus the span the
-request states (`exp - iat`), and a request is dropped as expired only far past any skew.
-A host behind its server was already answered in time (its deadline fell to
-`--backend-timeout`): those two skews guard the new computation.
+The lookup deadline is measured from the local receive time plus the span the request states
+(`exp - iat`), never by comparing the server's whole-second `exp` with the service's own clock
+(a host ahead of its server would then time lookups out at once, `store_timeout` for a known
+user, and, more than a second past `exp`, drop requests as expired while the client waits out
+the server's timeout); a request is dropped as expired only far past any skew. A host behind
+its server has its deadline fall to `--backend-timeout`: both directions are tested.
 """
 
 from __future__ import annotations
@@ -20,10 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import SERVICE_ERROR
-from tests.harness import Keys, auth_errors, nats_connect, new_user, next_event, raw_connect
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
+from tests.support.admission import SERVICE_ERROR
+from tests.support.nats import (
+    Keys,
+    ServerFactory,
+    auth_errors,
+    nats_connect,
+    new_user,
+    next_event,
+    raw_connect,
+)
+from tests.support.service import record, seed_files, serve_args, spawn, users_bucket
 
 # Debian's faketime package: the library itself, preloaded into the service process. (Its
 # `faketime` wrapper runs the program as a child it does not pass signals to, so stopping the

@@ -14,16 +14,22 @@ from typing import Literal
 import pytest
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import deployment, expect_denied, jwt_claims, user_info
-from tests.harness import AUTH_SUBJECT, Keys, nats_connect, new_account, new_user, raw_connect
-from tests.service import APP, record
+from tests.support.admission import deployment, expect_denied, jwt_claims, user_info
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    Keys,
+    NatsServer,
+    nats_connect,
+    new_account,
+    new_user,
+    raw_connect,
+)
+from tests.support.service import APP, record
 
 
 async def test_legit_clients_admitted_with_either_sig_encoding(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         await dep.put(pub, record("both", pub_allow=["$SYS.REQ.USER.INFO"], sub_allow=["_INBOX.>"]))
@@ -55,10 +61,7 @@ async def test_legit_clients_admitted_with_either_sig_encoding(
             assert sig == result.connect["sig"] and len(sig) == length
 
 
-async def test_known_key_with_another_keys_signature_denied(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_known_key_with_another_keys_signature_denied(server: NatsServer, keys: Keys) -> None:
     _, known = new_user()
     other_seed, _ = new_user()
     async with deployment(server, keys) as dep:
@@ -68,9 +71,8 @@ async def test_known_key_with_another_keys_signature_denied(
 
 
 async def test_internal_key_with_another_keys_signature_denied(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     internal_seed, internal = new_user()
     other_seed, _ = new_user()
     async with deployment(server, keys, internal_keys=(internal,)) as dep:
@@ -80,8 +82,7 @@ async def test_internal_key_with_another_keys_signature_denied(
         assert (await raw_connect(server.url, internal_seed)).admitted
 
 
-async def test_missing_signature_denied(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_missing_signature_denied(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         await dep.put(pub, record("nosig", admin=True))
@@ -91,9 +92,8 @@ async def test_missing_signature_denied(nats_server: ServerFactory, keys: Keys) 
 
 
 async def test_signature_over_wrong_nonce_or_replayed_denied(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         await dep.put(pub, record("replayed", admin=True))
@@ -114,8 +114,7 @@ async def test_signature_over_wrong_nonce_or_replayed_denied(
         pytest.param("A" * 200, id="too-long"),
     ],
 )
-async def test_garbage_signature_denied(nats_server: ServerFactory, keys: Keys, sig: str) -> None:
-    server = nats_server()
+async def test_garbage_signature_denied(server: NatsServer, keys: Keys, sig: str) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         await dep.put(pub, record("garbled", admin=True))
@@ -124,9 +123,8 @@ async def test_garbage_signature_denied(nats_server: ServerFactory, keys: Keys, 
 
 @pytest.mark.parametrize("kind", ["account", "curve", "garbage"])
 async def test_nkey_that_is_not_a_user_key_denied(
-    nats_server: ServerFactory, keys: Keys, kind: str
+    server: NatsServer, keys: Keys, kind: str
 ) -> None:
-    server = nats_server()
     seed, pub = new_user()
     claimed = {
         "account": new_account()[1],
@@ -146,8 +144,7 @@ async def test_nkey_that_is_not_a_user_key_denied(
     ],
 )
 async def test_client_without_nkey_denied(
-    nats_server: ServerFactory, keys: Keys, extra: dict[str, str], user: str
+    server: NatsServer, keys: Keys, extra: dict[str, str], user: str
 ) -> None:
-    server = nats_server()
     async with deployment(server, keys) as dep:
         await expect_denied(dep, None, "no_nkey", user=user, connect_extra=extra)

@@ -1,7 +1,7 @@
 """Connection kinds against a real nats-server: a leafnode whose remote authenticates with a
 user's nkey (nats-server 2.15 calls such a leaf out like a client, `client_info.kind`
-"Leafnode") is denied `kind_not_allowed` unless `--allow-kind` names leafnodes. It used to be
-admitted on the user's record: a whole server joining the account as that user."""
+"Leafnode") is denied `kind_not_allowed` unless `--allow-kind` names leafnodes: admitted on
+the user's record alone, a whole server would join the account as that user."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from callout.decision import Decision
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import SERVICE_ERROR, deployment
-from tests.harness import Keys, NatsServer, free_port, new_user
+from tests.support.admission import SERVICE_ERROR, deployment
+from tests.support.nats import Keys, NatsServer, ServerFactory, free_port, new_user
 
 
 def leaf(workdir: Path, hub_leaf_port: int, seed: str) -> NatsServer:

@@ -10,26 +10,24 @@ expiry").
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 from nats.aio.msg import Msg
 
 from callout.records import Permissions, Rules
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import (
+from tests.support.admission import (
     USER_INFO,
     deployment,
     expect_denied,
     granted,
+    info_as,
     jwt_claims,
     perms,
     user_info,
 )
-from tests.harness import Keys, nats_connect, new_user
-from tests.service import APP, record
+from tests.support.nats import Keys, NatsServer, ServerFactory, nats_connect, new_user
+from tests.support.operate import captured_logs
+from tests.support.service import APP, record
 
 SOFT_DEFAULTS = Permissions(
     pub=Rules(allow=(USER_INFO, "soft.>"), deny=("soft.secret",)),
@@ -37,35 +35,19 @@ SOFT_DEFAULTS = Permissions(
 )
 
 
-class _Decisions(logging.Handler):
-    """The service's `decision` log lines, as the structured fields it passes to its logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "decision":
-            self.lines.append(dict(getattr(record, "fields", {})))
+def decisions() -> Any:
+    """The service's log, from which the tests read its `decision` lines."""
+    return captured_logs()
 
 
-@contextlib.contextmanager
-def decisions() -> Iterator[_Decisions]:
-    logger = logging.getLogger("callout")
-    handler, level = _Decisions(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def decided(log: Any) -> list[dict[str, Any]]:
+    """The structured fields of each `decision` line the service logged."""
+    return [fields for _, fields in log.named("decision")]
 
 
 async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     unknown_seed, unknown = new_user()
     known_seed, known = new_user()
     revoked_seed, revoked = new_user()
@@ -76,21 +58,13 @@ async def test_soft_mode_admits_unknown_with_defaults_and_denies_the_rest(
             await dep.put(revoked, record("rev", revoked=True, admin=True))
 
             # Unknown, valid signature: admitted with the default permissions.
-            nc = await nats_connect(server.url, unknown_seed)
-            try:
-                info = await user_info(nc)
-            finally:
-                await nc.close()
+            info = await info_as(server.url, unknown_seed)
             assert info["account"] == APP
             assert granted(info) == perms([USER_INFO, "soft.>"], ["soft.secret"], ["_INBOX.>"], [])
-            assert [d["reason"] for d in log.lines if d["client"] == unknown] == ["would_deny"]
+            assert [d["reason"] for d in decided(log) if d["client"] == unknown] == ["would_deny"]
 
             # A known user still gets its own record, not the defaults.
-            nc = await nats_connect(server.url, known_seed)
-            try:
-                info = await user_info(nc)
-            finally:
-                await nc.close()
+            info = await info_as(server.url, known_seed)
             assert info["user"] == "kim"
             assert granted(info) == perms([USER_INFO], [], ["_INBOX.>"], [])
 
@@ -129,10 +103,7 @@ async def test_soft_mode_denies_a_deleted_record(nats_server: ServerFactory, key
         await nc.close()
 
 
-async def test_user_ttl_expiry_closes_the_connection(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_user_ttl_expiry_closes_the_connection(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys, user_ttl=2.0) as dep:
         await dep.put(pub, record("brief", admin=True))
@@ -162,14 +133,9 @@ async def test_user_ttl_expiry_closes_the_connection(
         assert 1 <= user["exp"] - user["iat"] <= 3
 
 
-async def test_user_ttl_zero_issues_no_expiry(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_user_ttl_zero_issues_no_expiry(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys, user_ttl=0.0) as dep:
         await dep.put(pub, record("forever", admin=True))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert "expires" not in info

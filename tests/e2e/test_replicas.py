@@ -12,60 +12,36 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import deployment, user_info
-from tests.harness import (
-    AUTH_SUBJECT,
+from tests.support.admission import deployment, user_info
+from tests.support.nats import (
     Keys,
     RawConn,
+    ServerFactory,
     nats_connect,
     new_user,
     next_event,
     raw_connect,
 )
-from tests.service import Subprocess, record, seed_files, serve_args, spawn, users_bucket
+from tests.support.service import (
+    Subprocess,
+    Wire,
+    record,
+    seed_files,
+    serve_args,
+    start_replicas,
+    users_bucket,
+    watch,
+)
+from tests.support.wait import eventually
 
 SYS_USER = ("sys", "pw")
-
-
-@dataclass
-class Wire:
-    """Reply inboxes of the requests, and how many replies each one got."""
-
-    inboxes: list[str] = field(default_factory=list)
-    replies: Counter[str] = field(default_factory=Counter)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def answered(self) -> int:
-        return sum(1 for inbox in self.inboxes if self.replies[inbox] > 0)
-
-
-async def watch(nc: Client) -> Wire:
-    wire = Wire()
-
-    async def on_request(msg: Msg) -> None:
-        wire.inboxes.append(msg.reply or "")  # no reply subject: the counts below catch it
-        wire.changed.set()
-
-    async def on_reply(msg: Msg) -> None:
-        wire.replies[msg.subject] += 1
-        wire.changed.set()
-
-    await nc.subscribe(AUTH_SUBJECT, cb=on_request)
-    await nc.subscribe("$SYS._INBOX.>", cb=on_reply)
-    await nc.flush()
-    return wire
 
 
 async def all_answered(wire: Wire, n: int, timeout: float = 10.0) -> None:
@@ -75,28 +51,6 @@ async def all_answered(wire: Wire, n: int, timeout: float = 10.0) -> None:
             await wire.changed.wait()
 
     await asyncio.wait_for(wait(), timeout)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition over several processes' log lines. `Subprocess.wait_for` waits on
-    one process's own signal; a line that may come from either replica has no single signal
-    to wait on, so this checks both with a deadline (as the harness does for server start)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-async def start_replicas(args: Sequence[str], n: int) -> list[Subprocess]:
-    """`n` services, each awaited on its own "ready" line (killed if any does not get there)."""
-    replicas = [spawn(args) for _ in range(n)]
-    try:
-        await asyncio.gather(*(r.await_event("ready") for r in replicas))
-    except BaseException:
-        for replica in replicas:
-            replica.kill()
-        raise
-    return replicas
 
 
 def decided(replica: Subprocess) -> list[str]:
@@ -141,7 +95,7 @@ async def test_two_replicas_share_the_load_and_survive_one_killed(
         burst = [seed for seed, _ in users[:30]]
         conns += await connect_all(server.url, burst)
         await all_answered(wire, len(burst))
-        await until(lambda: len(decided(first)) + len(decided(second)) == len(burst))
+        await eventually(lambda: len(decided(first)) + len(decided(second)) == len(burst))
         assert sorted(decided(first) + decided(second)) == sorted(p for _, p in users[:30])
         assert decided(first) and decided(second)
 
@@ -159,7 +113,7 @@ async def test_two_replicas_share_the_load_and_survive_one_killed(
         after = [seed for seed, _ in users[30:]]
         conns += await connect_all(server.url, after)
         await all_answered(wire, len(burst) + len(after))
-        await until(lambda: len(decided(first)) + handled_by_second == len(users))
+        await eventually(lambda: len(decided(first)) + handled_by_second == len(users))
         assert sorted(decided(first)[-len(after) :]) == sorted(p for _, p in users[30:])
 
         # Exactly one reply per request, and no reply to anything else.
@@ -207,7 +161,7 @@ async def test_every_connect_logs_one_decision_line_without_secrets(
                 if result.connect.get("sig"):
                     sigs.append(result.connect["sig"])
                 expected.append((client, decision, reason))
-                await until(lambda: len(svc.events("decision")) == len(expected))
+                await eventually(lambda: len(svc.events("decision")) == len(expected))
 
             await raw(known_seed, known, "admit", "admit")
             await raw(known_seed, known, "admit", "admit", sig_encoding="std")
@@ -223,7 +177,7 @@ async def test_every_connect_logs_one_decision_line_without_secrets(
             finally:
                 await nc.close()
             expected.append((known, "admit", "admit"))
-            await until(lambda: len(svc.events("decision")) == len(expected))
+            await eventually(lambda: len(svc.events("decision")) == len(expected))
 
             lines = svc.events("decision")
             assert [(d["client"], d["decision"], d["reason"]) for d in lines] == expected

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.harness import Keys, auth_errors, nats_connect, new_user, next_event, raw_connect
-from tests.service import record, start_in_process, users_bucket
+from tests.support.nats import Keys, auth_errors, nats_connect, new_user, next_event, raw_connect
+from tests.support.service import record, start_in_process, users_bucket
 
 
 async def test_known_user_admitted_with_permissions_unknown_denied(

@@ -6,27 +6,16 @@ identity by key"; "Fail closed"). A normal user is denied at once with `store_un
 
 from __future__ import annotations
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import (
-    AUTH_VIOLATION,
-    Deployment,
-    deployment,
-    expect_denied,
-    user_info,
-)
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.service import APP, record, users_bucket
+from tests.support.admission import AUTH_VIOLATION, Deployment, deployment, expect_denied, info_as
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user, raw_connect
+from tests.support.service import APP, record, users_bucket
 
 #: The fast-deny bound the issue asks for while the store is down.
 FAST_DENY = 0.5
 
 
 async def _internal_admitted(dep: Deployment, seed: str) -> None:
-    nc = await nats_connect(dep.server.url, seed)
-    try:
-        info = await user_info(nc)
-    finally:
-        await nc.close()
+    info = await info_as(dep.server.url, seed)
     assert info["account"] == APP
     assert "permissions" not in info  # internal identities are unrestricted by default
 
@@ -36,10 +25,7 @@ async def _denied_fast(dep: Deployment, seed: str) -> None:
     assert result.elapsed < FAST_DENY, result.elapsed
 
 
-async def test_internal_key_admitted_while_bucket_deleted(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_internal_key_admitted_while_bucket_deleted(server: NatsServer, keys: Keys) -> None:
     internal_seed, internal = new_user()
     user_seed, user = new_user()
     async with deployment(server, keys, internal_keys=(internal,)) as dep:
@@ -66,10 +52,7 @@ async def test_internal_key_admitted_while_jetstream_unreachable(
         await expect_denied(dep, user_seed, "bad_signature", nkey=internal)
 
 
-async def test_service_started_before_bucket_picks_it_up(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_service_started_before_bucket_picks_it_up(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with deployment(server, keys) as dep:
         assert dep.svc is not None
@@ -79,11 +62,7 @@ async def test_service_started_before_bucket_picks_it_up(
         # Create the bucket and the record from outside; the running service is not touched.
         kv = await users_bucket(dep.admin)
         await kv.put(pub, record("late", pub_allow=["$SYS.REQ.USER.INFO"], sub_allow=["_INBOX.>"]))
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP and info["user"] == "late"
         assert dep.svc.service is service  # same service object: no restart
 

@@ -8,45 +8,16 @@ shows what actually went over the wire.
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-
 import pytest
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import denied, deployment, expect_denied, granted, perms, user_info
-from tests.harness import AUTH_SUBJECT, Keys, nats_connect, new_curve, new_user
-from tests.service import APP, record
+from tests.support.admission import denied, deployment, expect_denied, granted, info_as, perms
+from tests.support.nats import Keys, ServerFactory, new_curve, new_user
+from tests.support.service import APP, record, watch
 
 XKEY_HEADER = "Nats-Server-Xkey"
 #: The server's reason for an empty response body (docs/protocol.md §3, check 1).
 NO_REASON = 'Auth callout violation: "no reason supplied" on account "AUTH"'
 FAST_DENY = 0.5
-
-
-@dataclass
-class Wire:
-    """Requests and replies seen by a bystander in the callout account."""
-
-    requests: list[Msg] = field(default_factory=list)
-    replies: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
-
-
-async def watch(nc: Client) -> Wire:
-    wire = Wire()
-
-    async def on_request(msg: Msg) -> None:
-        wire.requests.append(msg)
-
-    async def on_reply(msg: Msg) -> None:
-        wire.replies.put_nowait(msg)
-
-    await nc.subscribe(AUTH_SUBJECT, cb=on_request)
-    await nc.subscribe("$SYS._INBOX.>", cb=on_reply)
-    await nc.flush()
-    return wire
 
 
 @pytest.mark.parametrize("encrypted", [True, False], ids=["xkey-on", "xkey-off"])
@@ -60,24 +31,20 @@ async def test_admit_and_deny_with_and_without_xkey(
         await dep.put(pub, record("x", pub_allow=["$SYS.REQ.USER.INFO"], sub_allow=["_INBOX.>"]))
         wire = await watch(dep.admin)
 
-        nc = await nats_connect(server.url, seed)
-        try:
-            info = await user_info(nc)
-        finally:
-            await nc.close()
+        info = await info_as(server.url, seed)
         assert info["account"] == APP
         assert granted(info) == perms(["$SYS.REQ.USER.INFO"], [], ["_INBOX.>"], [])
-        admitted_reply = await asyncio.wait_for(wire.replies.get(), 5)
+        admitted_reply = await wire.reply()
 
         await expect_denied(dep, stranger, "unknown_user")
-        denied_reply = await asyncio.wait_for(wire.replies.get(), 5)
+        denied_reply = await wire.reply()
 
         assert len(wire.requests) == 2
         for request in wire.requests:
             headers = request.headers or {}
             assert (XKEY_HEADER in headers) is encrypted
             assert request.data.startswith(b"xkv1" if encrypted else b"eyJ")
-        # Responses go back encrypted exactly when the request was (issue, point 4).
+        # Responses go back encrypted exactly when the request was.
         for reply in (admitted_reply, denied_reply):
             assert reply.data.startswith(b"xkv1" if encrypted else b"eyJ")
 
@@ -93,7 +60,7 @@ async def test_server_encrypts_but_service_has_no_xkey_denied_fast(
         result, reason = await denied(dep, seed)
         assert reason == NO_REASON
         assert result.elapsed < FAST_DENY
-        reply = await asyncio.wait_for(wire.replies.get(), 5)
+        reply = await wire.reply()
         assert reply.data == b""  # the empty body: the server's immediate deny (§3 check 1)
         assert "no reason supplied" in server.log_text()
 

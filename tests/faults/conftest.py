@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.scenario import BACKEND_TIMEOUT, DENY_SLACK, TALLIES, Tally
+from tests.support.witness import BACKEND_TIMEOUT, DENY_SLACK, TALLIES, Tally
 
 
 @pytest.fixture

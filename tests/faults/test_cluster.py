@@ -1,7 +1,7 @@
 """The users stream's leader is killed (SIGKILL) in a three-node cluster with an R3 bucket,
 alone and under a connect storm (2,000 connects in flight).
 
-The cluster comes from `tests/cluster/cluster.py`. The service and the probing clients use
+The cluster comes from `tests/support/cluster.py`. The service and the probing clients use
 only the two nodes that survive, so the service's own connection is never cut and every
 request reaches it: what is measured is the store failing over under it. JetStream needs
 about 5 s to elect a new leader (nats-server 2.15.1); meanwhile the users cache answers from
@@ -30,21 +30,12 @@ from typing import Any
 import nats.errors
 import pytest
 
-from tests.cluster.cluster import admin_connection, create_users_bucket, running_cluster
-from tests.faults.rig import FAULT_FLAGS
-from tests.faults.scenario import (
-    Outcome,
-    Probes,
-    Tally,
-    Users,
-    Witness,
-    attempt,
-    eventually,
-    serve_cmd,
-)
-from tests.faults.test_consistency import BOUND, KNOWN_LOOPS, storm
-from tests.harness import Keys, new_user
-from tests.service import record, seed_files, spawn, users_bucket
+from tests.support.cluster import admin_connection, create_users_bucket, running_cluster
+from tests.support.nats import Keys, new_user
+from tests.support.rig import BOUND, FAULT_FLAGS, KNOWN_LOOPS, storm
+from tests.support.service import record, serve_args, spawn, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import Outcome, Probes, Tally, Users, Witness, attempt
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +46,9 @@ ELECTED_WITHIN = 20.0
 
 
 @pytest.mark.parametrize("loaded", [False, True], ids=["alone", "storm"])
-async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, loaded: bool) -> None:
-    files = seed_files(keys, tmp_path / "keys")
+async def test_stream_leader_killed(
+    tmp_path: Path, files: dict[str, Path], keys: Keys, tally: Tally, loaded: bool
+) -> None:
     users = Users()
     late_seed, late = new_user()
     seen_seed, seen = new_user()
@@ -76,7 +68,7 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, lo
             await kv.put(seen, record("seen", admin=True))
             leader = await cluster.stream_leader(nc)
             first, second = (cluster.nodes[i] for i in range(3) if i != leader)
-            svc = spawn(serve_cmd(first.url, files, *FAULT_FLAGS))
+            svc = spawn(serve_args(first.url, files, *FAULT_FLAGS))
             await svc.await_event("ready")
             await svc.await_event("users_cache_live", users=4)
             witness = await Witness.open(second.url, keys)
@@ -137,8 +129,8 @@ async def test_stream_leader_killed(tmp_path: Path, keys: Keys, tally: Tally, lo
             known = [(t - killed, o) for t, o in probes.seen if o.role == "known" and t >= killed]
             if loaded:
                 # The storm's own timeouts (the server's, and the service's `store_timeout` when
-                # a replica's answer comes too late) are issue 10's, not what is measured here:
-                # counted, not checked. Any other deny of the known user still fails.
+                # a replica's answer comes too late) are the storm's own cost, not what is
+                # measured here: counted, not checked. Any other deny of the known user still fails.
                 slow = [o for _, o in known if not o.ours or o.reason == "store_timeout"]
                 tally.notes["timeouts while the storm ran (not checked here)"] = len(slow)
                 slow_ids = {id(o) for o in slow}

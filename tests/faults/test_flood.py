@@ -26,17 +26,17 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.faults.rig import rig
-from tests.faults.scenario import (
-    Outcome,
-    Probes,
-    Tally,
-    eventually,
-    importer_accounts,
-    rss_bytes,
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    Keys,
+    ServerFactory,
+    nats_connect,
+    new_user,
+    raw_connect,
 )
-from tests.harness import AUTH_SUBJECT, Keys, nats_connect, new_user, raw_connect
+from tests.support.rig import rig
+from tests.support.wait import eventually
+from tests.support.witness import Outcome, Probes, Tally, importer_accounts, rss_bytes
 
 FLOOD = 20_000
 #: Generous: the service's whole baseline is about 60 MB; a leak of one request in ten (a few

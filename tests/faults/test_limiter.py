@@ -12,7 +12,7 @@
 The real clients connect from 127.0.0.1. Every client of the test runs on one machine; what
 separates "bad" from "real" is the source address (127.0.0.0/8 is all local on Linux), which
 is what nats-server reports as the client's host. The loops run in a process of their own
-(`tests/faults/badclients.py`), so their CPU competes with the server and the service (as a
+(`tests/support/badclients.py`), so their CPU competes with the server and the service (as a
 real brute force would) but not with the event loop timing the real clients.
 
 Asserted: no bad client admitted; every real client admitted; the limiter engaged for both
@@ -33,20 +33,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.conftest import ServerFactory
-from tests.faults.badclients import connect_from
-from tests.faults.rig import Rig, rig
-from tests.faults.scenario import (
-    BACKEND_TIMEOUT,
-    Outcome,
-    Tally,
-    eventually,
-    percentiles,
-    serve_cmd,
-    tried,
-)
-from tests.harness import Keys, new_user
-from tests.service import record, spawn, users_bucket
+from tests.support.badclients import connect_from
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
+from tests.support.rig import Rig, rig
+from tests.support.service import record, serve_args, spawn, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import BACKEND_TIMEOUT, Outcome, Tally, percentiles, tried
 
 REAL_USERS = 5
 REAL_CONNECTS = 60
@@ -67,9 +59,8 @@ async def real_clients(r: Rig, url: str, seeds: list[str], tally: Tally) -> list
 
 
 async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     real = [new_user() for _ in range(REAL_USERS)]
     async with rig(server, keys, tmp_path, serve=None) as r:
         kv = await users_bucket(r.admin)
@@ -77,7 +68,7 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
             await kv.put(pub, record(f"real{i}", admin=True))
         # The limiter's defaults: 10 failures per key, 100 per host, per 10 s.
         svc = r.svc = spawn(
-            serve_cmd(server.url, r.files, "--backend-timeout", str(BACKEND_TIMEOUT))
+            serve_args(server.url, r.files, "--backend-timeout", str(BACKEND_TIMEOUT))
         )
         await svc.await_event("ready")
         await svc.await_event("users_cache_live", users=2 + REAL_USERS)
@@ -86,7 +77,7 @@ async def test_real_clients_keep_getting_in_while_200_bad_clients_loop(
         quiet = await real_clients(r, server.url, seeds, tally)
 
         bad = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.faults.badclients",
+            sys.executable, "-m", "tests.support.badclients",
             "--port", str(server.port),
             "--duration", str(LOOP_SECONDS),
             "--unknown", str(BAD_UNKNOWN),
@@ -153,8 +144,8 @@ async def test_a_real_user_behind_the_brute_forces_address_is_never_throttled_by
     nats_server: ServerFactory, keys: Keys, tmp_path: Path
 ) -> None:
     """A client whose signature verifies is never refused for its host; the host is throttled
-    only for requests that fail and carry a key. Bare `CONNECT {}`s used to count against the
-    host before the signature was checked: 20 of them locked the real user out here. With a
+    only for requests that fail and carry a key, and only after the signature is checked: 20
+    bare `CONNECT {}`s from the same host would otherwise lock the real user out here. With a
     window of an hour no token comes back during the test, so the outcome does not depend on
     the machine's speed."""
     server = nats_server()

@@ -19,19 +19,12 @@ from typing import Literal
 
 import pytest
 
-from tests.conftest import ServerFactory
-from tests.faults.proxy import FaultProxy
-from tests.faults.rig import rig
-from tests.faults.scenario import (
-    BACKEND_TIMEOUT,
-    CACHE_STALENESS,
-    Probes,
-    Tally,
-    eventually,
-    tried,
-)
-from tests.harness import Keys, NatsServer, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
+from tests.support.proxy import FaultProxy
+from tests.support.rig import rig
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import BACKEND_TIMEOUT, CACHE_STALENESS, Probes, Tally, tried
 
 RECOVER_WITHIN = 10.0
 #: Past --backend-timeout and the users cache's window (80 ms), so the cache stops answering
@@ -108,10 +101,7 @@ async def test_half_closed_connection(
             probes.back_up()
             back = time.monotonic()
             tally.notes["reconnected after (s)"] = round(back - cut, 2)
-            await eventually(lambda: probes.streak("known", back) >= 3, RECOVER_WITHIN)
-            await eventually(
-                lambda: all(len(probes.since(back, role)) >= 3 for role in probes.roles)
-            )
+            await probes.recovered(back, RECOVER_WITHIN)
         finally:
             await probes.stop()
         assert p.stats.connections >= 2  # it came back on a new connection

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_replicas import watch
-from tests.faults.proxy import FaultProxy
-from tests.faults.rig import rig
-from tests.faults.scenario import Outcome, Probes, Tally, attempt, eventually, tried
-from tests.harness import Keys, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
+from tests.support.proxy import FaultProxy
+from tests.support.rig import rig
+from tests.support.service import watch
+from tests.support.wait import eventually
+from tests.support.witness import Outcome, Probes, Tally, attempt, tried
 
 RECOVER_WITHIN = 10.0
 #: Lookups held back this long: requests stay in flight, and still succeed.
@@ -34,9 +33,8 @@ NO_CACHE = ("--users-cache", "off")
 
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
 async def test_nats_server_restarted_under_the_service(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally, hard: bool
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally, hard: bool
 ) -> None:
-    server = nats_server()
     async with rig(server, keys, tmp_path, reconnect=True) as r:
         svc = r.svc
         assert svc is not None
@@ -62,10 +60,7 @@ async def test_nats_server_restarted_under_the_service(
             during.back_up()
             back = time.monotonic()
             tally.notes["service subscribed again after (s)"] = round(back - restarted, 2)
-            await eventually(lambda: during.streak("known", back) >= 3, RECOVER_WITHIN)
-            await eventually(
-                lambda: all(len(during.since(back, role)) >= 3 for role in during.roles)
-            )
+            await during.recovered(back, RECOVER_WITHIN)
         finally:
             await during.stop()
         # Exactly one reply to every request since the service came back, and never two
@@ -90,11 +85,8 @@ async def test_service_killed_mid_burst_then_restarted(
     truncated to whole seconds, so with 1 s it can be only milliseconds away, and the service
     (which never waits past `exp`) denies `store_timeout` before its own --backend-timeout."""
     server = nats_server(auth_timeout=1.5)
-    known = [new_user() for _ in range(30)]
     async with FaultProxy(server.port) as p, rig(server, keys, tmp_path, serve=None) as r:
-        kv = await users_bucket(r.admin)
-        for i, (_, pub) in enumerate(known):
-            await kv.put(pub, record(f"k{i}", admin=True))
+        known = await r.known_users(30)
         svc = await r.serve(*NO_CACHE, url=p.url)
         p.delay(IN_FLIGHT)
         clients = [(seed, pub, "known") for seed, pub in known]
@@ -149,14 +141,10 @@ async def test_service_killed_mid_burst_then_restarted(
 
 
 async def test_sigterm_answers_every_request_in_flight(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
-    known = [new_user() for _ in range(20)]
     async with FaultProxy(server.port) as p, rig(server, keys, tmp_path, serve=None) as r:
-        kv = await users_bucket(r.admin)
-        for i, (_, pub) in enumerate(known):
-            await kv.put(pub, record(f"k{i}", admin=True))
+        known = await r.known_users(20)
         svc = await r.serve(*NO_CACHE, url=p.url)
         p.delay(IN_FLIGHT)
         clients = [(seed, pub, "known") for seed, pub in known]

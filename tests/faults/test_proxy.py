@@ -12,9 +12,8 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.faults.proxy import FaultProxy
-from tests.harness import Keys, nats_connect
+from tests.support.nats import Keys, NatsServer, nats_connect
+from tests.support.proxy import FaultProxy
 
 JS_INFO = "$JS.API.INFO"
 
@@ -25,8 +24,7 @@ async def rtt(nc: Client, subject: str, timeout: float = 2.0) -> float:
     return time.monotonic() - start
 
 
-async def test_delay_drop_blackhole_half_close(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_delay_drop_blackhole_half_close(server: NatsServer, keys: Keys) -> None:
     responder = await nats_connect(server.url, keys.service_seed)
 
     async def echo(msg: Msg) -> None:

@@ -27,18 +27,20 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.e2e.test_admission import jwt_claims
-from tests.faults.rig import FAULT_FLAGS, Rig, rig
-from tests.faults.scenario import (
-    Tally,
-    eventually,
-    importer_accounts,
-    serve_cmd,
-    tried,
+from tests.support.admission import jwt_claims
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    Keys,
+    NatsServer,
+    ServerFactory,
+    nats_connect,
+    new_user,
+    raw_connect,
 )
-from tests.harness import AUTH_SUBJECT, Keys, NatsServer, nats_connect, new_user, raw_connect
-from tests.service import Subprocess, spawn
+from tests.support.rig import FAULT_FLAGS, Rig, rig
+from tests.support.service import Subprocess, serve_args, spawn
+from tests.support.wait import eventually
+from tests.support.witness import Tally, importer_accounts, tried
 
 REPLAY_BUCKET = "replay"
 
@@ -94,7 +96,7 @@ async def replay(
 
 
 async def serve(r: Rig, *extra: str) -> Subprocess:
-    svc = spawn(serve_cmd(r.server.url, r.files, *FAULT_FLAGS, *extra))
+    svc = spawn(serve_args(r.server.url, r.files, *FAULT_FLAGS, *extra))
     await svc.await_event("ready")
     await svc.await_event("users_cache_live", users=2)
     return svc
@@ -173,9 +175,8 @@ async def test_replayed_to_the_same_replica_without_the_bucket(
 
 
 async def test_internal_key_admitted_while_the_replay_bucket_is_deleted(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     internal_seed, internal = new_user()
     async with rig(
         server, keys, tmp_path,

@@ -14,20 +14,19 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.conftest import ServerFactory
-from tests.faults.rig import rig
-from tests.faults.scenario import Probes, Tally, eventually, tried
-from tests.harness import Keys, new_user
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, ServerFactory, new_user
+from tests.support.rig import rig
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import Probes, Tally, tried
 
 #: How long the service may take to admit the known user once the store is back.
 RECOVER_WITHIN = 10.0
 
 
 async def test_users_bucket_deleted_then_recreated(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path, tally: Tally
+    server: NatsServer, keys: Keys, tmp_path: Path, tally: Tally
 ) -> None:
-    server = nats_server()
     forgotten_seed, forgotten = new_user()  # in the old bucket only
     async with rig(server, keys, tmp_path, serve=None) as r:
         kv = await users_bucket(r.admin)

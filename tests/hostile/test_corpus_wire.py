@@ -32,29 +32,19 @@ import pytest
 from nats.aio.msg import Msg
 
 from callout.decision import ADMIT, Decision
-from tests.harness import AUTH_SUBJECT, Keys, NatsServer, nats_connect, new_user
-from tests.hostile import Case, check_answer, load_all
-from tests.service import record, start_in_process, users_bucket
+from tests.support.hostile import (
+    HOSTILE,
+    Case,
+    auth_account_body,
+    check_answer,
+    hostile_account_body,
+    load_all,
+)
+from tests.support.nats import AUTH_SUBJECT, Keys, NatsServer, nats_connect, new_user
+from tests.support.service import record, start_in_process, users_bucket
 
 CASES = load_all()
-HOSTILE = "HOSTILE"
 REPLY_TIMEOUT = 5.0
-
-
-def auth_account_body(keys: Keys) -> str:
-    """The AUTH account of `render_config` (service user, JetStream) plus the export."""
-    return (
-        f'users: [ {{ nkey: "{keys.service_pub}" }} ]\n'
-        "    jetstream: enabled\n"
-        f'    exports: [ {{ service: "{AUTH_SUBJECT}" }} ]'
-    )
-
-
-def hostile_account_body(injector_pub: str) -> str:
-    return (
-        f'users: [ {{ nkey: "{injector_pub}" }} ]\n'
-        f'    imports: [ {{ service: {{ account: AUTH, subject: "{AUTH_SUBJECT}" }} }} ]'
-    )
 
 
 @dataclass

@@ -41,11 +41,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from callout.decision import INTERNAL_ERROR, Authorizer, Decision, Found, Pending
-from tests.harness import Keys, decode_curve_seed
-from tests.hostile import load_all
-from tests.hostile import make_corpus as mc
-from tests.service import policy_for
-from tests.unit import forge
+from tests.support import forge
+from tests.support import make_corpus as mc
+from tests.support.hostile import load_all
+from tests.support.nats import Keys, decode_curve_seed
+from tests.support.service import policy_for
 
 SETTINGS = settings(
     max_examples=400,

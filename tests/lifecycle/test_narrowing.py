@@ -17,9 +17,15 @@ from callout.revocation import Revoker
 from callout.service import CalloutService
 from callout.store.kv import KVStore
 from callout.store.watch import WatchedStore
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.lifecycle.conftest import closed
-from tests.service import policy_for, record, serve_args, spawn, users_bucket, watch_connection
+from tests.support.nats import Keys, closed, nats_connect, new_user, raw_connect
+from tests.support.service import (
+    policy_for,
+    record,
+    serve_args,
+    spawn,
+    users_bucket,
+    watch_connection,
+)
 
 
 async def test_narrowing_a_record_closes_its_sessions_and_widening_does_not(
@@ -80,8 +86,8 @@ async def test_the_first_load_kicks_what_was_revoked_before_the_cache_went_live(
     revocation_setup: Any, keys: Keys
 ) -> None:
     """A connection admitted from a direct lookup before the cache went live, whose record is
-    revoked before the load finishes: the first load used to notify nothing, so it kept its
-    session until its JWT expired."""
+    revoked before the load finishes: the first load notifies the revocation too, so the
+    session does not last until its JWT expires."""
     server, files = revocation_setup
     system_seed = (await asyncio.to_thread(Path(files["system"]).read_text)).strip()
     admin = await nats_connect(server.url, keys.service_seed)

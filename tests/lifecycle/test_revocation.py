@@ -7,22 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.lifecycle.conftest import closed
-from tests.service import record, run_cli, seed_files, serve_args, spawn, users_bucket
+from tests.support.nats import Keys, closed, raw_connect
+from tests.support.service import revocable, run_cli, seed_files, serve_args, spawn
 
 
 async def test_revoke_closes_live_connections_within_1s(revocation_setup: Any, keys: Keys) -> None:
     server, files = revocation_setup
-    admin = await nats_connect(server.url, keys.service_seed)
-    kv = await users_bucket(admin)
-    alice_seed, alice = new_user()
-    bob_seed, bob = new_user()
-    await kv.put(alice, record("alice"))
-    await kv.put(bob, record("bob"))
-    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
-    try:
-        await service.await_event("users_cache_live")
+    async with revocable(server, files, keys, "alice", "bob") as (service, _, users):
+        (alice_seed, alice), (bob_seed, _) = users
         alice_conns = [await raw_connect(server.url, alice_seed, keep_open=True) for _ in range(3)]
         bob_conn = await raw_connect(server.url, bob_seed, keep_open=True)
         assert all(c.admitted for c in alice_conns) and bob_conn.admitted
@@ -41,22 +33,12 @@ async def test_revoke_closes_live_connections_within_1s(revocation_setup: Any, k
         assert not again.admitted
         event = await service.await_event("revoked_sessions", client=alice)
         assert event["closed"] == 3
-    finally:
-        service.terminate()
-        await admin.close()
 
 
 async def test_delete_closes_and_keep_sessions_opts_out(revocation_setup: Any, keys: Keys) -> None:
     server, files = revocation_setup
-    admin = await nats_connect(server.url, keys.service_seed)
-    kv = await users_bucket(admin)
-    carol_seed, carol = new_user()
-    dave_seed, dave = new_user()
-    await kv.put(carol, record("carol"))
-    await kv.put(dave, record("dave"))
-    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
-    try:
-        await service.await_event("users_cache_live")
+    async with revocable(server, files, keys, "carol", "dave") as (service, kv, users):
+        (carol_seed, carol), (dave_seed, dave) = users
         carol_conn = await raw_connect(server.url, carol_seed, keep_open=True)
         dave_conn = await raw_connect(server.url, dave_seed, keep_open=True)
         assert carol_conn.admitted and dave_conn.admitted
@@ -75,9 +57,6 @@ async def test_delete_closes_and_keep_sessions_opts_out(revocation_setup: Any, k
         assert not service.events("revoked_sessions") or all(
             e["client"] != dave for e in service.events("revoked_sessions")
         )
-    finally:
-        service.terminate()
-        await admin.close()
 
 
 async def test_without_system_identity_revocation_is_new_connections_only(

@@ -10,8 +10,8 @@ import orjson
 from callout.decision import ADMIT, WOULD_DENY, Decision, Grant, Policy, Request
 from callout.records import UNRESTRICTED, Permissions, Rules
 from callout.revocation import Revoker
-from tests.harness import make_keys
-from tests.service import APP, policy_for, record
+from tests.support.nats import make_keys
+from tests.support.service import APP, policy_for, record
 
 ORDERS = Permissions(pub=Rules(("orders.>",)))
 

@@ -1,1 +1,1 @@
-"""`callout users import / import-sqlite / export` (issue 7, "Migration from SQLite and files")."""
+"""`callout users import / import-sqlite / export` (migration from SQLite and files)."""

@@ -26,9 +26,8 @@ from nats.aio.client import Client as NATSClient
 from callout import migrate
 from callout.records import parse_record
 from callout.store import kv as kvstore
-from tests.conftest import ServerFactory
-from tests.harness import Keys, NatsServer, nats_connect, new_user
-from tests.service import live_keys, record, run_cli, seed_files, users_bucket
+from tests.support.nats import Keys, NatsServer, ServerFactory, nats_connect, new_user
+from tests.support.service import live_keys, record, run_cli, seed_files, users_bucket
 
 CLI_TIMEOUT = 60.0
 COMPLETE = {"name", "admin", "revoked", "account", "permissions"}

@@ -15,7 +15,7 @@ import pytest
 
 from callout import migrate
 from callout.records import parse_record
-from tests.harness import new_user
+from tests.support.nats import new_user
 
 
 def pubs(n: int) -> list[str]:

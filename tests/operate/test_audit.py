@@ -20,10 +20,10 @@ from nats.aio.msg import Msg
 from callout.audit import Audit, AuditConfig
 from callout.decision import Decision
 from callout.metrics import AUDIT_LOSS_CAUSES, Metrics
-from tests.conftest import ServerFactory
-from tests.harness import Keys, NatsServer, nats_connect, new_user, raw_connect
-from tests.operate import Operated, captured_logs, operated, ops_args, until, value
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, ServerFactory, nats_connect, new_user, raw_connect
+from tests.support.operate import Operated, captured_logs, operated, ops_args, value
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
 
 
 def metric(metrics: Metrics, name: str, **labels: str) -> float:
@@ -76,10 +76,7 @@ async def silent_audit(op: Operated, metrics: Metrics, stream: str, **config: An
     return audit
 
 
-async def test_messages_land_in_the_stream_deduplicated(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_messages_land_in_the_stream_deduplicated(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     stranger_seed, stranger = new_user()
     async with audited(
@@ -98,7 +95,7 @@ async def test_messages_land_in_the_stream_deduplicated(
         async def both_stored() -> bool:
             return await stream_messages(op, "AUDIT") == 2
 
-        await until(both_stored)
+        await eventually(both_stored)
         messages = [await js.get_msg("AUDIT", seq) for seq in (1, 2)]
         docs = {
             orjson.loads(m.data or b"")["decision"]: (m, orjson.loads(m.data or b""))
@@ -131,16 +128,15 @@ async def test_messages_land_in_the_stream_deduplicated(
         async def duplicate_seen() -> bool:
             return metric(op.ops.metrics, "callout_audit_duplicates_total") == 1
 
-        await until(duplicate_seen)
+        await eventually(duplicate_seen)
         assert await stream_messages(op, "AUDIT") == 2
         assert metric(op.ops.metrics, "callout_audit_published_total") == 2
         assert lost(op.ops.metrics) == 0
 
 
 async def test_a_missing_stream_loses_messages_not_decisions(
-    nats_server: ServerFactory, keys: Keys
+    server: NatsServer, keys: Keys
 ) -> None:
-    server = nats_server()
     seed, pub = new_user()
     async with audited(server, keys, pub, audit_stream="AUDIT") as (op, _):
         js = op.svc.nc.jetstream()
@@ -155,7 +151,7 @@ async def test_a_missing_stream_loses_messages_not_decisions(
             async def all_lost() -> bool:
                 return metric(op.ops.metrics, "callout_audit_lost_total", cause="no_stream") == 5
 
-            await until(all_lost)
+            await eventually(all_lost)
         assert metric(op.ops.metrics, "callout_audit_published_total") == 0
         # One warning for the outage, not one per message.
         assert [f["cause"] for _, f in logs.named("audit_lost")] == ["no_stream"]
@@ -182,7 +178,7 @@ async def test_a_silent_stream_loses_messages_not_decisions(
             async def accounted() -> bool:
                 return lost(op.ops.metrics) == n
 
-            await until(accounted)
+            await eventually(accounted)
             metrics = op.ops.metrics
             assert metric(metrics, "callout_audit_published_total") == 0
             assert metric(metrics, "callout_audit_lost_total", cause="timeout") > 0
@@ -192,8 +188,7 @@ async def test_a_silent_stream_loses_messages_not_decisions(
             await audit.stop()
 
 
-async def test_a_deleted_stream_is_recreated(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_a_deleted_stream_is_recreated(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     async with audited(server, keys, pub) as (op, _):
         nc = op.svc.nc
@@ -218,13 +213,13 @@ async def test_a_deleted_stream_is_recreated(nats_server: ServerFactory, keys: K
                     except nats.js.errors.NotFoundError:
                         return False
 
-                await until(recreated)
+                await eventually(recreated)
                 assert (await raw_connect(server.url, seed)).admitted
 
                 async def stored() -> bool:
                     return await stream_messages(op, "AGAIN") == 1
 
-                await until(stored)
+                await eventually(stored)
             finally:
                 op.svc.service.observers.remove(audit.observe)
                 await audit.stop()
@@ -234,10 +229,7 @@ async def test_a_deleted_stream_is_recreated(nats_server: ServerFactory, keys: K
         assert len(logs.named("audit_recovered")) == 1
 
 
-async def test_messages_left_at_stop_are_counted_once(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_messages_left_at_stop_are_counted_once(server: NatsServer, keys: Keys) -> None:
     _, pub = new_user()
     async with audited(server, keys, pub) as (op, _):
         metrics = Metrics()

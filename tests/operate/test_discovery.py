@@ -6,38 +6,15 @@ the way its tooling reads them, and checked against the micro v1 schema type nam
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
-import orjson
-from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from callout.service import SUBJECT
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.operate import operated, ops_args
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
+from tests.support.operate import gather, operated, ops_args
+from tests.support.service import record, users_bucket
 
 
-async def gather(nc: Client, subject: str, expect: int, timeout: float = 5.0) -> list[Any]:
-    """Publish one request and collect `expect` answers (the micro protocol's scatter-gather)."""
-    inbox = nc.new_inbox()
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def on_msg(msg: Any) -> None:
-        queue.put_nowait(msg.data)
-
-    sub = await nc.subscribe(inbox, cb=on_msg)
-    try:
-        await nc.publish(subject, b"", reply=inbox)
-        return [orjson.loads(await asyncio.wait_for(queue.get(), timeout)) for _ in range(expect)]
-    finally:
-        await sub.unsubscribe()
-
-
-async def test_ping_info_and_stats(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_ping_info_and_stats(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     stranger_seed, _ = new_user()
     client = await nats_connect(server.url, keys.service_seed)  # tooling in the callout account

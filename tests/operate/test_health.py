@@ -6,10 +6,10 @@ admitted: that is the degraded state the body names.
 
 from __future__ import annotations
 
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.operate import Http, http_get, operated, scrape, until, value
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
+from tests.support.operate import Http, http_get, operated, scrape, value
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
 
 
 async def readyz_becomes(port: int, status: int) -> Http:
@@ -19,12 +19,11 @@ async def readyz_becomes(port: int, status: int) -> Http:
         seen.append(await http_get(port, "/readyz"))
         return seen[-1].status == status
 
-    await until(check)
+    await eventually(check)
     return seen[-1]
 
 
-async def test_readyz_follows_the_users_bucket(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_readyz_follows_the_users_bucket(server: NatsServer, keys: Keys) -> None:
     internal_seed, internal = new_user()
     user_seed, user = new_user()
     admin = await nats_connect(server.url, keys.service_seed)
@@ -54,8 +53,7 @@ async def test_readyz_follows_the_users_bucket(nats_server: ServerFactory, keys:
         await admin.close()
 
 
-async def test_readyz_follows_the_nats_connection(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_readyz_follows_the_nats_connection(server: NatsServer, keys: Keys) -> None:
     seed, pub = new_user()
     admin = await nats_connect(server.url, keys.service_seed)
     try:

@@ -5,14 +5,13 @@ ever becomes a label (issue: "Metrics"; "label values are bounded").
 
 from __future__ import annotations
 
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.operate import http_get, operated, samples, scrape, until, value
-from tests.service import record, users_bucket
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
+from tests.support.operate import http_get, operated, samples, scrape, value
+from tests.support.service import record, users_bucket
+from tests.support.wait import eventually
 
 
-async def test_counters_move_as_decisions_are_made(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_counters_move_as_decisions_are_made(server: NatsServer, keys: Keys) -> None:
     known_seed, known = new_user()
     internal_seed, internal = new_user()
     stranger_seed, stranger = new_user()
@@ -47,7 +46,7 @@ async def test_counters_move_as_decisions_are_made(nats_server: ServerFactory, k
                     for (d, r), n in expected.items()
                 )
 
-            await until(counted)
+            await eventually(counted)
             page = await scrape(op.port)
             assert value(page, "callout_decision_duration_seconds_count", decision="admit") == 2
             assert value(page, "callout_decision_duration_seconds_count", decision="deny") == 2
@@ -73,13 +72,12 @@ async def test_counters_move_as_decisions_are_made(nats_server: ServerFactory, k
                 page = await scrape(op.port)
                 return value(page, "callout_store_errors_total", kind="unavailable") == 1
 
-            await until(store_error_counted)
+            await eventually(store_error_counted)
     finally:
         await admin.close()
 
 
-async def test_the_endpoint_speaks_prometheus_text(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_the_endpoint_speaks_prometheus_text(server: NatsServer, keys: Keys) -> None:
     async with operated(server, keys) as op:
         response = await http_get(op.port, "/metrics")
         assert response.status == 200

@@ -12,19 +12,16 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user, raw_connect
-from tests.operate import http_get, scrape, until, value
-from tests.operate.test_discovery import gather
-from tests.service import record, seed_files, serve_args, spawn, users_bucket
-from tests.test_log_hygiene import scan
+from tests.support.hygiene import scan
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user, raw_connect
+from tests.support.operate import gather, http_get, scrape, value
+from tests.support.service import record, serve_args, spawn, users_bucket
+from tests.support.wait import eventually
 
 
 async def test_serve_with_metrics_audit_and_discovery(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "keys")
     seed, pub = new_user()
     internal_seed, internal = new_user()
     stranger_seed, _ = new_user()
@@ -42,7 +39,7 @@ async def test_serve_with_metrics_audit_and_discovery(
             async def ready() -> bool:
                 return (await http_get(port, "/readyz")).status == 200
 
-            await until(ready)
+            await eventually(ready)
             for who, admitted in ((seed, True), (internal_seed, True), (stranger_seed, False)):
                 result = await raw_connect(server.url, who)
                 assert result.admitted is admitted
@@ -57,7 +54,7 @@ async def test_serve_with_metrics_audit_and_discovery(
                     for d, r in expected
                 )
 
-            await until(counted)
+            await eventually(counted)
             (ping,) = await gather(admin, "$SRV.PING.callout", 1)
             assert ping["name"] == "callout"
 
@@ -66,7 +63,7 @@ async def test_serve_with_metrics_audit_and_discovery(
             async def audited() -> bool:
                 return (await js.stream_info("AUDIT")).state.messages == 3
 
-            await until(audited)
+            await eventually(audited)
             assert svc.terminate() == 0
             svc.wait_for("stopped")
         finally:
@@ -85,10 +82,8 @@ async def test_serve_with_metrics_audit_and_discovery(
 
 
 async def test_metrics_port_in_use_is_a_one_line_usage_error(
-    nats_server: ServerFactory, keys: Keys, tmp_path: Path
+    server: NatsServer, keys: Keys, files: dict[str, Path]
 ) -> None:
-    server = nats_server()
-    files = seed_files(keys, tmp_path / "keys")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -23,8 +23,8 @@ from callout.metrics import MAX_REASONS, Metrics
 from callout.records import Permissions, Rules
 from callout.store.memory import MemoryStore
 from callout.verdicts import Verdicts, classify
-from tests.harness import new_user
-from tests.operate import http_get, samples, value
+from tests.support.nats import new_user
+from tests.support.operate import http_get, samples, value
 
 
 @pytest.fixture

@@ -9,16 +9,21 @@ and counts it.
 
 from __future__ import annotations
 
-from tests.conftest import ServerFactory
-from tests.harness import Keys, auth_errors, nats_connect, new_user, next_event, raw_connect
-from tests.operate import captured_logs, operated, scrape, until, value
-from tests.service import APP, record, users_bucket
+from tests.support.nats import (
+    Keys,
+    NatsServer,
+    auth_errors,
+    nats_connect,
+    new_user,
+    next_event,
+    raw_connect,
+)
+from tests.support.operate import captured_logs, operated, scrape, value
+from tests.support.service import APP, record, users_bucket
+from tests.support.wait import eventually
 
 
-async def test_a_rejected_admit_is_logged_and_counted(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_a_rejected_admit_is_logged_and_counted(server: NatsServer, keys: Keys) -> None:
     ghost_seed, ghost = new_user()
     good_seed, good = new_user()
     stranger_seed, stranger = new_user()
@@ -48,7 +53,7 @@ async def test_a_rejected_admit_is_logged_and_counted(
                         value(page, "callout_server_rejections_total", kind="unknown_account") == 1
                     )
 
-                await until(counted)
+                await eventually(counted)
                 page = await scrape(op.port)
                 total = sum(
                     value(page, "callout_server_rejections_total", kind=k) or 0

@@ -24,16 +24,15 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.e2e.test_admission import (
+from tests.support.admission import (
     AUTH_VIOLATION,
     SERVICE_ERROR,
     granted,
+    info_as,
     jwt_claims,
     perms,
-    user_info,
 )
-from tests.harness import (
-    AUTH_SUBJECT,
+from tests.support.nats import (
     NatsServer,
     auth_errors,
     free_port,
@@ -42,27 +41,13 @@ from tests.harness import (
     next_event,
     raw_connect,
 )
-from tests.operator.trust import Trust, creds_text, render_operator_config, write_secret
-from tests.service import Subprocess, record, run_cli, spawn, users_bucket
+from tests.support.service import Subprocess, Wire, record, run_cli, spawn, users_bucket, watch
+from tests.support.trust import Trust, creds_text, render_operator_config, write_secret
 
 USER_INFO = "$SYS.REQ.USER.INFO"
 XKEY_HEADER = "Nats-Server-Xkey"
 # Enough to read one's own USER.INFO: what every admitted user below is given.
 INFO_PUB, INFO_SUB = [USER_INFO], ["_INBOX.>"]
-
-
-@dataclass
-class Wire:
-    """Requests and responses seen by a bystander in AUTH."""
-
-    requests: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
-    replies: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
-
-    async def request(self) -> Msg:
-        return await asyncio.wait_for(self.requests.get(), 5)
-
-    async def reply(self) -> Msg:
-        return await asyncio.wait_for(self.replies.get(), 5)
 
 
 @dataclass
@@ -161,16 +146,7 @@ async def operator(tmp_path: Path) -> AsyncIterator[Start]:
         except BaseException:
             server.stop()
             raise
-        wire = Wire()
-
-        async def on_request(msg: Msg) -> None:
-            wire.requests.put_nowait(msg)
-
-        async def on_reply(msg: Msg) -> None:
-            wire.replies.put_nowait(msg)
-
-        await admin.subscribe(AUTH_SUBJECT, cb=on_request)
-        await admin.subscribe("$SYS._INBOX.>", cb=on_reply)
+        wire = await watch(admin)
         dep = Deployment(trust, server, files, admin, await auth_errors(admin), wire)
         deployments.append(dep)
         return dep
@@ -194,14 +170,6 @@ def response_claims(msg: Msg) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return response, (jwt_claims(user) if user else None)
 
 
-async def admitted_info(dep: Deployment, seed: str) -> dict[str, Any]:
-    nc = await nats_connect(dep.server.url, seed)
-    try:
-        return await user_info(nc)
-    finally:
-        await nc.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # placement by the signing account
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +189,7 @@ async def test_known_user_is_placed_in_the_account_that_signed_it(
     assert added.returncode == 0, added.stderr
     await dep.serve(signer=signer)
 
-    info = await admitted_info(dep, seed)
+    info = await info_as(dep.server.url, seed)
     assert info["account"] == dep.trust.app.pub
     assert info["account_name"] == "APP"
     assert info["user"] == "alice"
@@ -248,7 +216,7 @@ async def test_issuer_may_be_a_signing_key_of_the_callout_account(operator: Star
     await dep.put(pub, record("bob", pub_allow=INFO_PUB, sub_allow=INFO_SUB))
 
     service = await dep.serve("--issuer-account", dep.trust.auth.pub, issuer="auth_signing")
-    assert (await admitted_info(dep, seed))["account"] == dep.trust.app.pub
+    assert (await info_as(dep.server.url, seed))["account"] == dep.trust.app.pub
     response, _ = response_claims(await dep.wire.reply())
     assert response["iss"] == dep.trust.auth_signing.pub
     assert response["nats"]["issuer_account"] == dep.trust.auth.pub
@@ -306,7 +274,7 @@ async def test_xkey_encrypts_both_ways_in_operator_mode(operator: Start) -> None
     await dep.put(pub, record("dave", pub_allow=INFO_PUB, sub_allow=INFO_SUB))
     await dep.serve(xkey=True)
 
-    assert (await admitted_info(dep, seed))["account"] == dep.trust.app.pub
+    assert (await info_as(dep.server.url, seed))["account"] == dep.trust.app.pub
     await dep.expect_denied(stranger, "unknown_user")
     for _ in range(2):
         request, reply = await dep.wire.request(), await dep.wire.reply()

@@ -48,7 +48,7 @@ import nats
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
 
-from tests.harness import (
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
     NatsServer,

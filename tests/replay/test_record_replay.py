@@ -23,10 +23,10 @@ import nacl.public
 import orjson
 from nats.aio.msg import Msg
 
-from tests.conftest import ServerFactory
-from tests.harness import (
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
+    ServerFactory,
     decode_curve_public,
     decode_curve_seed,
     nats_connect,
@@ -34,8 +34,8 @@ from tests.harness import (
     new_user,
     raw_connect,
 )
-from tests.replay.test_recording import assert_absent, base64_forms
-from tests.service import (
+from tests.support.replay import assert_absent, base64_forms
+from tests.support.service import (
     record,
     run_cli,
     seed_files,

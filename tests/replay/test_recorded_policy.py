@@ -22,11 +22,10 @@ from callout.recording import policy as recorded_policy
 from callout.recording import reader, replay
 from callout.recording.writer import header_line, record_document
 from callout.records import Permissions, Rules
-from tests.harness import new_account
-from tests.replay.test_recording import XKEYS, assert_absent
-from tests.replay.test_replay import KEYS, case_named, policy
-from tests.replay.test_replay import replay_cli as run_replay
-from tests.service import write_seed
+from tests.support.nats import new_account
+from tests.support.replay import KEYS, XKEYS, assert_absent, case_named, policy
+from tests.support.replay import replay_cli as run_replay
+from tests.support.service import write_seed
 
 PLAIN = ("plain_known_natspy", "plain_unknown", "plain_revoked", "plain_internal")
 ENCRYPTED = tuple(name.replace("plain_", "encrypted_") for name in PLAIN)

@@ -1,7 +1,7 @@
 """`callout.recording.writer` (what `serve --record-dir` writes) and the replay reading it back,
 without a server: the requests are the ones recorded from nats-server 2.15.1 in
 tests/replay/cases (decoded here by test_replay's independent decoder) or forged like the
-server's (tests/unit/forge.py), and the service is the shell driven by a fake connection
+server's (tests/support/forge.py), and the service is the shell driven by a fake connection
 (tests/unit/test_service_shell.py). The session against a real server is in
 test_record_replay.py.
 """
@@ -29,13 +29,20 @@ from callout.recording import writer as recording
 from callout.recording.writer import RecordDirError, Recorder, record_document
 from callout.store import StoreError
 from callout.store.memory import MemoryStore
-from tests.harness import Keys, new_user
-from tests.replay.test_replay import KEYS, Case, case_named, policy, server_box
-from tests.service import record, run_cli, seed_files
-from tests.unit.forge import ClientKey
-from tests.unit.test_service_shell import NOW, GatedStore, make_env
+from tests.support.forge import ClientKey
+from tests.support.nats import Keys, new_user
+from tests.support.replay import (
+    XKEYS,
+    Case,
+    assert_absent,
+    base64_forms,
+    case_named,
+    policy,
+    server_box,
+)
+from tests.support.service import record, run_cli, seed_files
+from tests.support.shell import NOW, GatedStore, make_env
 
-XKEYS = (CurveKey.from_seed(KEYS["xkey_seed"]),)
 NAME = re.compile(r"requests-\d{8}T\d{6}\.\d{6}Z-p\d+-\d{6}\.jsonl")
 
 
@@ -51,24 +58,6 @@ def recorded(case: Case, *, xkeys: tuple[CurveKey, ...] | None = None) -> dict[s
     doc: dict[str, Any] = orjson.loads(line)
     doc["_line"] = line
     return doc
-
-
-def base64_forms(secret: bytes) -> list[bytes]:
-    """Runs of base64 text (standard and URL-safe) that any base64 encoding of a stream holding
-    `secret`, at any offset, must contain: for each of the three alignments, the characters
-    that encode only bytes of the secret."""
-    forms = []
-    for k in range(3):
-        encoded = base64.b64encode(b"\0" * k + secret)
-        inner = encoded[4 if k else 0 : (k + len(secret)) // 3 * 4]
-        forms += [inner, inner.replace(b"+", b"-").replace(b"/", b"_")]
-    return forms
-
-
-def assert_absent(secret: str, data: bytes) -> None:
-    assert secret.encode() not in data
-    for form in base64_forms(secret.encode()):
-        assert form not in data
 
 
 def lines_in(directory: Path) -> list[dict[str, Any]]:
@@ -375,11 +364,7 @@ async def test_a_shed_request_is_recorded_and_skipped_on_replay(tmp_path: Path) 
     store.records[env.client.public] = record("alice")
     env.service.recorder = Recorder(tmp_path / "rec")
     msgs = [env.msg(env.forge()) for _ in range(3)]
-    for m in msgs:
-        await env.service._on_message(m)
-    await asyncio.wait_for(store.when_active(1).wait(), 10)
-    store.gate.set()
-    await asyncio.wait_for(env.service.stop(), 10)
+    await env.hold_then_drain(store, msgs, active=1)
     await env.service.recorder.close()
     docs = lines_in(tmp_path / "rec")
     assert sorted(d["decision"]["reason"] for d in docs) == ["admit", "admit", "overloaded"]

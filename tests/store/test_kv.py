@@ -19,8 +19,8 @@ from callout.commands import users
 from callout.store import StoreError
 from callout.store import kv as kvstore
 from callout.store.seen import SEEN, SeenRecord
-from tests.harness import Keys, nats_connect, new_user
-from tests.service import seed_files, users_bucket
+from tests.support.nats import Keys, nats_connect, new_user
+from tests.support.service import seed_files, users_bucket
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,8 @@ from callout.store import StoreError, WouldBlock
 from callout.store.kv import KVStore
 from callout.store.memory import MemoryStore
 from callout.store.watch import WatchedStore
-from tests.conftest import ServerFactory
-from tests.harness import Keys, nats_connect, new_user
-from tests.service import record, users_bucket, watch_connection
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user
+from tests.support.service import record, users_bucket, watch_connection
 
 
 async def test_memory_store_blocks_only_while_delayed() -> None:
@@ -32,8 +31,7 @@ async def test_memory_store_blocks_only_while_delayed() -> None:
         await store.get("alice")
 
 
-async def test_kv_store_always_blocks(nats_server: ServerFactory, keys: Keys) -> None:
-    server = nats_server()
+async def test_kv_store_always_blocks(server: NatsServer, keys: Keys) -> None:
     nc = await nats_connect(server.url, keys.service_seed)
     try:
         kv = await users_bucket(nc)
@@ -47,10 +45,7 @@ async def test_kv_store_always_blocks(nats_server: ServerFactory, keys: Keys) ->
         await nc.close()
 
 
-async def test_watched_store_answers_when_its_copy_may(
-    nats_server: ServerFactory, keys: Keys
-) -> None:
-    server = nats_server()
+async def test_watched_store_answers_when_its_copy_may(server: NatsServer, keys: Keys) -> None:
     nc = await nats_connect(server.url, keys.service_seed)
     kv = await users_bucket(nc)
     _, alice = new_user()

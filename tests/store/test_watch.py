@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -15,18 +16,13 @@ import pytest
 from callout.store import TOMBSTONE, StoreError, WouldBlock
 from callout.store.kv import KVStore
 from callout.store.watch import WatchedStore
-from tests.harness import Keys, nats_connect, new_user
-from tests.service import record, users_bucket, watch_connection
+from tests.support.nats import Keys, nats_connect, new_user
+from tests.support.service import record, users_bucket, watch_connection
+from tests.support.wait import eventually
 
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
-    """Wait for a condition the cache reaches on its own (no event is exposed); returns seconds."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.002)
-    return time.monotonic() - start
+# The cache reaches its states on its own thread (no event is exposed): polled finely, so the
+# seconds `eventually` returns measure the cache, not the poll.
+cache_reaches = functools.partial(eventually, timeout=5.0, interval=0.002)
 
 
 class CountingStore(KVStore):
@@ -81,17 +77,17 @@ async def test_revocation_reaches_every_replica_within_100ms(nats_server: Any, k
         replicas.append((nc, *(await watched(nc, keys))))
     try:
         for _, store, _ in replicas:
-            await until(lambda s=store: s.live)  # type: ignore[misc]
+            await cache_reaches(lambda s=store: s.live)  # type: ignore[misc]
         revoked = record("alice", revoked=True)
         await kv.put(alice, revoked)
         written = time.monotonic()
         for _, store, _ in replicas:
-            await until(lambda s=store: s._view.records.get(alice) == revoked, timeout=2)  # type: ignore[misc]
+            await cache_reaches(lambda s=store: s._view.records.get(alice) == revoked, timeout=2)  # type: ignore[misc]
             assert time.monotonic() - written < 0.1
             assert await store.get(alice) == revoked
         await kv.delete(alice)
         for _, store, _ in replicas:
-            await until(lambda s=store: alice not in s._view.records, timeout=2)  # type: ignore[misc]
+            await cache_reaches(lambda s=store: alice not in s._view.records, timeout=2)  # type: ignore[misc]
             assert await store.get(alice) is TOMBSTONE
     finally:
         for nc, store, _ in replicas:
@@ -108,16 +104,16 @@ async def test_deleted_bucket_is_never_served_from_memory(nats_server: Any, keys
     await kv.put(alice, record("alice"))
     store, _ = await watched(nc, keys)
     try:
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         await nc.jetstream().delete_key_value("users")
-        await until(lambda: not store.live)
+        await cache_reaches(lambda: not store.live)
         with pytest.raises(StoreError):
             await store.get(alice)
         # Re-created with different contents: the old record must not come back.
         kv = await users_bucket(nc)
         _, bob = new_user()
         await kv.put(bob, record("bob"))
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         assert await store.get(alice) is None
         assert await store.get(bob) == record("bob")
     finally:
@@ -135,12 +131,12 @@ async def test_quick_delete_and_recreate_is_detected(nats_server: Any, keys: Key
         await kv.put(pub, record("x"))
     store, _ = await watched(nc, keys)
     try:
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         loads = store.loads
         await js.delete_key_value("users")
         kv = await users_bucket(nc)  # back before the next probe, most likely
         await kv.put(users[0], record("only-one"))
-        await until(lambda: store.loads > loads and store.live)
+        await cache_reaches(lambda: store.loads > loads and store.live)
         assert await store.get(users[0]) == record("only-one")
         assert await store.get(users[1]) is None
     finally:
@@ -156,10 +152,10 @@ async def test_stream_purge_drops_the_copy(nats_server: Any, keys: Keys) -> None
     await kv.put(alice, record("alice"))
     store, _ = await watched(nc, keys)
     try:
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         loads = store.loads
         await nc.jetstream().purge_stream("KV_users")  # no message reaches the watch
-        await until(lambda: store.loads > loads and store.live)
+        await cache_reaches(lambda: store.loads > loads and store.live)
         assert await store.get(alice) is None
     finally:
         await store.stop()
@@ -195,14 +191,14 @@ async def test_disconnect_stops_answering_and_reconnect_reloads(
     store, _ = await watched(nc, keys)
     stores.append(store)
     try:
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         server.stop()
-        await until(lambda: not store.live)
+        await cache_reaches(lambda: not store.live)
         assert store.state in {"disconnected", "unavailable"}
         with pytest.raises(StoreError):
             await store.get(alice)  # no server: the direct lookup fails, the copy is gone
         server.start()
-        await until(lambda: store.live, timeout=15)
+        await cache_reaches(lambda: store.live, timeout=15)
         assert await store.get(alice) == record("alice")
     finally:
         await store.stop()
@@ -225,7 +221,7 @@ async def test_a_deleted_key_is_a_tombstone_and_a_key_never_written_is_none(
     direct = KVStore(nc, "users")
     store, _ = await watched(nc, keys)
     try:
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         for lookup in (store, direct):
             assert await lookup.get(alice) is TOMBSTONE
             assert await lookup.get(bob) is TOMBSTONE
@@ -251,14 +247,14 @@ async def test_load_listeners_get_every_whole_copy_a_reload_included(
     store.load_listeners.append(lambda copy: copies.append((dict(copy), store.live)))
     store.start()
     try:
-        await until(lambda: store.live)
+        await cache_reaches(lambda: store.live)
         # The first load too, and before the copy answered (live still False).
         assert copies == [({alice: record("alice")}, False)]
         # The bucket goes and comes back with alice revoked: the reload is a whole copy too.
         await nc.jetstream().delete_key_value("users")
         kv = await users_bucket(nc)
         await kv.put(alice, record("alice", revoked=True))
-        await until(lambda: len(copies) == 2 and store.live)
+        await cache_reaches(lambda: len(copies) == 2 and store.live)
         assert copies[1] == ({alice: record("alice", revoked=True)}, False)
     finally:
         await store.stop()
@@ -273,7 +269,7 @@ async def test_large_bucket_loads_completely(nats_server: Any, keys: Keys) -> No
     await asyncio.gather(*(kv.put(p, record(p[:8])) for p in pubs))
     store, direct = await watched(nc, keys)
     try:
-        await until(lambda: store.live, timeout=30)
+        await cache_reaches(lambda: store.live, timeout=30)
         assert store.size == len(pubs)
         assert all([await store.get(p) == record(p[:8]) for p in pubs[:50]])
         assert direct.calls == 0
@@ -302,14 +298,14 @@ async def test_a_silent_jetstream_stops_the_copy_within_the_window(
 
         monitor.request = silent  # type: ignore[method-assign]
         silenced = time.monotonic()
-        took = await until(lambda: not store.live, timeout=5)
+        took = await cache_reaches(lambda: not store.live, timeout=5)
         # The contract's bound: a confirmation answers for 80 ms after its probe was sent.
         assert took < 0.1, f"answered from memory {took * 1000:.0f} ms after the store went silent"
         with pytest.raises(WouldBlock):
             store.get_nowait(alice)
         assert await store.get(alice) == record("alice") and direct.calls == 1
         monitor.request = real_request  # type: ignore[method-assign]
-        await until(lambda: store.live, timeout=5)
+        await cache_reaches(lambda: store.live, timeout=5)
         assert store.get_nowait(alice) == record("alice")
         assert time.monotonic() - silenced < 5
     finally:
@@ -342,7 +338,7 @@ async def test_probes_answered_late_still_answer_lookups_from_the_copy(
             return answer
 
         monitor.request = late  # type: ignore[method-assign]
-        await until(lambda: not store.live, timeout=5)
+        await cache_reaches(lambda: not store.live)
         with pytest.raises(WouldBlock):
             store.get_nowait(alice)
         await kv.put(bob, record("bob"))
@@ -356,7 +352,7 @@ async def test_probes_answered_late_still_answer_lookups_from_the_copy(
 
         monitor.request = silent  # type: ignore[method-assign]
         # The late answers already on their way still confirm; then the leader is silent.
-        await until(lambda: time.monotonic() - monitor.leader_answered > 0.2, timeout=5)
+        await cache_reaches(lambda: time.monotonic() - monitor.leader_answered > 0.2)
         answered = monitor.leader_answered
         assert await store.get(bob) == record("bob") and direct.calls == 1
         # It waited for the leader's silence to outlast a probe's timeout (0.5 s), no longer.
@@ -463,7 +459,7 @@ async def test_get_nowait_answers_exactly_when_get_answers_from_memory(
         assert store.get_nowait(new_user()[1]) is None
         assert direct.calls == 0
         await kv.delete(alice)
-        await until(lambda: store.get_nowait(alice) is TOMBSTONE)
+        await cache_reaches(lambda: store.get_nowait(alice) is TOMBSTONE)
         assert store.deleted(alice) and not store.deleted(new_user()[1])
         store.disconnected()  # the service's own connection dropped
         with pytest.raises(WouldBlock):
@@ -496,7 +492,7 @@ async def test_load_listeners_see_the_whole_copy_before_it_answers(
         await asyncio.wait_for(store.live_event.wait(), 5)
         assert seen == [({alice: record("alice")}, False)]
         await kv.put(alice, record("alice", revoked=True))
-        await until(lambda: len(changes) == 1)
+        await cache_reaches(lambda: len(changes) == 1)
         assert changes == [(alice, record("alice"), record("alice", revoked=True))]
     finally:
         await store.stop()
@@ -528,8 +524,8 @@ async def test_a_deleted_watch_consumer_resumes_without_losing_a_write(
                 if time.monotonic() - written > 0.1:
                     assert answers[-1] == revoked  # never the old record past the bound
             await asyncio.sleep(0.001)
-        await until(lambda: monitor.consumer not in (None, consumer))
-        await until(lambda: store.live)
+        await cache_reaches(lambda: monitor.consumer not in (None, consumer))
+        await cache_reaches(lambda: store.live)
         assert store.get_nowait(alice) == revoked
         assert store.loads == loads  # resumed from where the copy was, not reloaded
     finally:
@@ -554,7 +550,7 @@ async def test_subject_purge_beside_a_deleted_key_drops_the_copy(
         await asyncio.wait_for(store.live_event.wait(), 5)
         loads = store.loads
         await nc.jetstream().purge_stream("KV_users", subject=f"$KV.users.{pubs[0]}")
-        await until(lambda: store.loads > loads and store.live)
+        await cache_reaches(lambda: store.loads > loads and store.live)
         assert await store.get(pubs[0]) is None
         assert await store.get(pubs[1]) == record("x")
     finally:

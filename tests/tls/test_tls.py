@@ -24,8 +24,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tests.e2e.test_admission import SERVICE_ERROR, granted, jwt_claims, perms, user_info
-from tests.harness import (
+from tests.support.admission import SERVICE_ERROR, granted, jwt_claims, perms, user_info
+from tests.support.certs import Pair, Pki, make_pki
+from tests.support.nats import (
     AUTH_SUBJECT,
     Keys,
     NatsServer,
@@ -36,8 +37,7 @@ from tests.harness import (
     next_event,
     render_config,
 )
-from tests.service import APP, Subprocess, run_cli, seed_files, serve_args, spawn
-from tests.tls.certs import Pair, Pki, make_pki
+from tests.support.service import APP, Subprocess, run_cli, seed_files, serve_args, spawn
 
 USER_INFO = "$SYS.REQ.USER.INFO"
 AUTH_VIOLATION = "Authorization Violation"
@@ -73,7 +73,7 @@ def tls_block(pki: Pki, *, verify: bool) -> str:
 def server_config(
     keys: Keys, port: int, workdir: Path, tls: str | None, *, jetstream: bool = True
 ) -> str:
-    """Config mode with the callout (tests.harness), plus a top-level `tls` block, and no
+    """Config mode with the callout (tests.support.nats), plus a top-level `tls` block, and no
     `authorization.timeout`: the server's default is part of what is tested."""
     config = render_config(
         port=port,
@@ -308,9 +308,8 @@ async def test_tls_handshake_mistakes_fail_with_one_line(
 
 @pytest.mark.parametrize("command", ["serve", "users"])
 def test_tls_file_mistakes_fail_with_one_line_before_connecting(
-    keys: Keys, pki: Pki, tmp_path: Path, command: str
+    keys: Keys, pki: Pki, tmp_path: Path, files: dict[str, Path], command: str
 ) -> None:
-    files = seed_files(keys, tmp_path / "keys")
     nowhere = NatsServer("", port=1, workdir=tmp_path / "nowhere")  # never started
     half = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert)]
     assert "--tls-key" in one_line(command_args(command, nowhere, files, half))

@@ -1,5 +1,6 @@
-"""callout.decision, the sans-I/O core, with requests forged like nats-server's (tests.unit.forge)
-and responses checked like nats-server checks them (nkeys/PyNaCl, not callout's own codec).
+"""callout.decision, the sans-I/O core, with requests forged like nats-server's
+(tests.support.forge) and responses checked like nats-server checks them (nkeys/PyNaCl, not
+callout's own codec).
 
 Every reason constant of `callout.decision` is reached in `test_every_reason` (and the table is
 checked against the module, so a new reason without a test fails), and then each rule gets its
@@ -29,10 +30,11 @@ from callout.decision import (
 )
 from callout.keys import CurveKey, SigningKey
 from callout.records import Permissions, Rules
-from tests.harness import Keys, make_keys, new_account, new_curve, new_user
-from tests.service import APP, policy_for, record
-from tests.unit import forge
-from tests.unit.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support import forge
+from tests.support.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support.hostile import UNADDRESSABLE
+from tests.support.nats import Keys, make_keys, new_account, new_curve, new_user
+from tests.support.service import APP, policy_for, record
 
 NOW = 1_800_000_000.0
 ACCOUNT = nkeys.PREFIX_BYTE_ACCOUNT
@@ -85,7 +87,8 @@ class Rig:
 
 
 def make_rig(*, xkey: bool = False, client: ClientKey | None = None, **policy: Any) -> Rig:
-    """A fresh deployment (`tests.service.policy_for`: account APP, callout account AUTH)."""
+    """A fresh deployment (`tests.support.service.policy_for`: account APP, callout account
+    AUTH)."""
     keys = make_keys()
     return Rig(
         keys,
@@ -257,19 +260,6 @@ SCENARIOS: dict[str, Callable[[], Outcome]] = {
     d.STORE_UNAVAILABLE: _plain(Unavailable("bucket 'users' does not exist")),
     d.STORE_TIMEOUT: _plain(TimedOut()),
     d.INTERNAL_ERROR: _internal_error,
-}
-
-# Gate 1: no request to address a signed error to, so the answer is the empty body.
-UNADDRESSABLE = {
-    d.OVERSIZE,
-    d.XKEY_UNEXPECTED,
-    d.XKEY_FAILED,
-    d.MALFORMED,
-    d.FORGED,
-    d.NOT_FOR_US,
-    d.WRONG_SERVER,
-    d.EXPIRED,
-    d.NOT_YET_VALID,
 }
 
 
@@ -1080,8 +1070,9 @@ def test_deadline_is_the_receive_time_plus_the_server_s_wait() -> None:
 def test_a_skewed_clock_neither_drops_nor_times_out_a_fresh_request(
     skew: float, timeout: float
 ) -> None:
-    """A host ahead of its server used to see every request as expired (dropped: the client
-    waited out the server's timeout) or its deadline already passed (store_timeout)."""
+    """A host ahead of its server still answers: no request is seen as expired (dropped: the
+    client would wait out the server's timeout) nor its deadline as already passed
+    (store_timeout)."""
     rig = make_rig()
     for fraction in (0.0, 0.5, 0.99):  # where in its second the server published
         sent = NOW + fraction
@@ -1195,8 +1186,8 @@ def test_bad_signatures_throttle_the_host_not_the_key() -> None:
 
 
 def test_requests_without_a_key_lock_no_host_out() -> None:
-    """A bare `CONNECT {}` used to count against its host, and the host check came before the
-    signature: ~10 a second locked out every valid client behind the same address."""
+    """A bare `CONNECT {}` does not count against its host, and the host check comes after the
+    signature: otherwise ~10 a second would lock out every valid client behind the address."""
     r = make_rig(fail_limit_host=3, fail_window=3600.0)
     for _ in range(50):
         assert r.run(r.forge(client=None), Missing()).reason == d.NO_NKEY
@@ -1408,7 +1399,7 @@ def test_deleted_missing_and_soft_mode_sessions() -> None:
     ("kind", "allowed", "reason"),
     [
         ("Client", {"client"}, d.ADMIT),
-        ("Leafnode", {"client"}, d.KIND_NOT_ALLOWED),  # used to be admitted on a user's record
+        ("Leafnode", {"client"}, d.KIND_NOT_ALLOWED),  # never admitted on a user's record alone
         ("Leafnode", {"client", "leafnode"}, d.ADMIT),
         ("Client", {"leafnode"}, d.KIND_NOT_ALLOWED),
         ("Router", {"client", "leafnode"}, d.KIND_NOT_ALLOWED),

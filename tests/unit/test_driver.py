@@ -1,7 +1,7 @@
 """The decision core's driver, `Authorizer.start` / `resume`: what finishes without I/O, what
 waits for it and says so, and that every path ends in an answer (a deny on any exception).
 
-Requests are forged like nats-server's and answers read like it reads them (tests.unit.forge).
+Requests are forged like nats-server's and answers read like it reads them (tests.support.forge).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import nkeys
 import pytest
 
 from callout import decision as d
-from callout.decision import Answer, Authorizer, Decision, Pending, Request
+from callout.decision import Answer, Authorizer, Pending
 from callout.store import StoreError, WouldBlock
-from tests.harness import make_keys
-from tests.service import APP, policy_for, record
-from tests.unit import forge
-from tests.unit.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support import forge
+from tests.support.forge import DELETE, ClientKey, Forged, ServerIdentity
+from tests.support.nats import make_keys
+from tests.support.service import APP, policy_for, record
+from tests.support.shell import AdmitRespondRaises, DecideRaises, OpenRaises, RespondRaises
 
 NOW = 1_800_000_000.0
 ALICE = record("alice", pub_allow=["a.>"])
@@ -202,28 +203,6 @@ def test_a_lookup_that_raises_is_an_internal_error() -> None:
     answer = env.start(forged, env.lookup(RuntimeError("driver bug")))
     assert env.error(answer, forged) == d.INTERNAL_ERROR
     assert isinstance(answer, Answer) and "RuntimeError" in answer.decision.detail
-
-
-class OpenRaises(Authorizer):
-    def open(self, payload: bytes, headers: Any, now: float) -> Request | Decision:
-        raise RuntimeError("bug in open")
-
-
-class AdmitRespondRaises(Authorizer):
-    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
-        if decision.admit:
-            raise RuntimeError("bug while building the user JWT")
-        return Authorizer.respond(self, decision, now, jitter)
-
-
-class RespondRaises(Authorizer):
-    def respond(self, decision: Decision, now: float, jitter: float | None = None) -> bytes:
-        raise RuntimeError("bug in respond")
-
-
-class DecideRaises(Authorizer):
-    def decide(self, request: Request, answer: Any, replay: Any = None) -> Decision:
-        raise RuntimeError("bug in decide")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""callout.jwt: round trips, interop with an nkeys-signed reference encoder (tests.unit.forge),
+"""callout.jwt: round trips, interop with an nkeys-signed reference encoder (tests.support.forge),
 and every malformed-input branch of `decode`."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 
 from callout import jwt
 from callout.keys import KeyKind, SigningKey
-from tests.harness import new_account, new_user
-from tests.unit import forge
-from tests.unit.forge import b64url, compact
+from tests.support import forge
+from tests.support.forge import b64url, compact
+from tests.support.nats import new_account, new_user
 
 CLAIMS: dict[str, Any] = {
     "sub": "UXYZ",

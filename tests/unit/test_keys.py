@@ -33,7 +33,9 @@ from callout.keys import (
     verify,
     write_secret,
 )
-from tests.harness import (
+from tests.support.nats import (
+    VECTOR_PUB,
+    VECTOR_SEED,
     curve_public_from_seed,
     decode_curve_seed,
     encode_curve_public,
@@ -42,7 +44,6 @@ from tests.harness import (
     new_curve,
     new_user,
 )
-from tests.test_harness import VECTOR_PUB, VECTOR_SEED
 
 SIGNING_KINDS = {
     KeyKind.OPERATOR: nkeys.PREFIX_BYTE_OPERATOR,

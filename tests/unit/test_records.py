@@ -23,7 +23,7 @@ from callout.records import (
     parse_record,
     subject_problem,
 )
-from tests.service import record
+from tests.support.service import record
 
 
 def _parse(doc: Any) -> UserRecord:

@@ -1,4 +1,4 @@
-"""callout.xkey against a PyNaCl reference of the server side (tests.unit.forge): the server
+"""callout.xkey against a PyNaCl reference of the server side (tests.support.forge): the server
 seals with its curve key to ours, we open; we seal back, the server opens (docs/protocol.md §2)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 
 from callout import xkey
 from callout.keys import CurveKey
-from tests.unit import forge
-from tests.unit.forge import ServerIdentity
+from tests.support import forge
+from tests.support.forge import ServerIdentity
 
 
 def _server_public(server: ServerIdentity) -> nacl.public.PublicKey:

@@ -1,8 +1,8 @@
 """A three-node nats-server cluster on loopback, with JetStream and the auth callout, for the
-cluster tests (issue 5, "Cluster tests").
+cluster tests.
 
-Each node is a `tests.harness.NatsServer` whose config is `render_config` (the same accounts and
-`auth_callout` block as every other test) plus a `cluster {}` block routing to all three nodes
+Each node is a `tests.support.nats.NatsServer` whose config is `render_config` (the same accounts
+and `auth_callout` block as every other test) plus a `cluster {}` block routing to all three nodes
 and an HTTP port for `/healthz`. Nodes are named n1..n3: that is the name JetStream reports as a
 stream's `cluster.leader`.
 
@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import nats.errors
 import orjson
 from nats.aio.client import Client
 
-from tests.harness import (
+from tests.support.nats import (
     Keys,
     NatsServer,
     NatsServerError,
@@ -39,7 +39,7 @@ from tests.harness import (
     raw_connect,
     render_config,
 )
-from tests.service import APP, Subprocess, run_cli, seed_files, spawn
+from tests.support.service import Subprocess, run_cli, seed_files
 
 CLUSTER_NAME = "callout-test"
 #: Client-side bound on one connect: above the servers' authorization timeout, so a connect
@@ -285,33 +285,6 @@ async def create_users_bucket(cluster: Cluster, files: dict[str, Path]) -> None:
     await asyncio.gather(*(cluster.wait_reachable(i, "$KV.users.") for i in range(3)))
 
 
-def cluster_serve_args(
-    cluster: Cluster, files: dict[str, Path], *extra: str, xkeys: Sequence[Path] = ()
-) -> list[str]:
-    args = [
-        "serve",
-        "--nats-url", cluster.urls,
-        "--nkey-seed-file", str(files["service"]),
-        "--issuer-seed-file", str(files["issuer"]),
-        "--account", APP,
-    ]  # fmt: skip
-    for path in xkeys:
-        args += ["--xkey-seed-file", str(path)]
-    return [*args, *extra]
-
-
-async def start_replicas(args: Sequence[str], n: int = 2) -> list[Subprocess]:
-    """`n` service processes, each awaited on its own "ready" line."""
-    replicas = [spawn(args) for _ in range(n)]
-    try:
-        await asyncio.gather(*(r.await_event("ready") for r in replicas))
-    except BaseException:
-        for replica in replicas:
-            replica.kill()
-        raise
-    return replicas
-
-
 async def admin_connection(cluster: Cluster) -> Client:
     """A service-identity connection (an auth_users key: admitted without the callout)."""
     return await nats.connect(
@@ -331,25 +304,12 @@ async def connect_via(node: NatsServer, seed: str) -> RawResult:
     return await raw_connect(node.url, seed, timeout=CONNECT_TIMEOUT)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition over several replicas' log lines. `Subprocess.wait_for` waits on
-    one process's own signal; a line that may come from either replica has no single signal,
-    so both are checked against a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 __all__ = [
     "Cluster",
     "admin_connection",
-    "cluster_serve_args",
     "connect_via",
     "create_users_bucket",
     "decisions",
     "running_cluster",
     "seed_files",
-    "start_replicas",
-    "until",
 ]

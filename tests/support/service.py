@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,7 @@ import nats
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from callout.decision import Authorizer, Policy
 from callout.keys import CurveKey, KeyKind, SigningKey
@@ -30,7 +33,13 @@ from callout.records import Permissions
 from callout.service import CalloutService
 from callout.store import Store
 from callout.store.kv import KVStore
-from tests.harness import Keys, NatsServer, nats_connect
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    Keys,
+    NatsServer,
+    nats_connect,
+    new_user,
+)
 
 APP = "APP"
 
@@ -191,17 +200,31 @@ def spawn(
 
 
 def serve_args(
-    server: NatsServer, files: dict[str, Path], *extra: str, xkey: bool = False
+    target: NatsServer | str,
+    files: dict[str, Path],
+    *extra: str,
+    xkey: bool = False,
+    xkeys: Sequence[Path] = (),
+    **override: str | Sequence[str],
 ) -> list[str]:
-    args = [
-        "serve",
-        "--nats-url", server.url,
-        "--nkey-seed-file", str(files["service"]),
-        "--issuer-seed-file", str(files["issuer"]),
-        "--account", APP,
-    ]  # fmt: skip
-    if xkey:
-        args += ["--xkey-seed-file", str(files["xkey"])]
+    """`callout serve` arguments: the service and issuer seeds of `files`, account APP, and the
+    URL of `target` (a server, or any URL list: a proxy's, a cluster's). `xkey` adds
+    `files["xkey"]`; `xkeys` adds each of those seed files in order. `override` replaces or
+    adds a flag by its name (`nkey_seed_file="..."` is `--nkey-seed-file ...`; a list repeats
+    the flag), for tests of what `serve` refuses."""
+    flags: dict[str, str | Sequence[str]] = {
+        "--nats-url": target if isinstance(target, str) else target.url,
+        "--nkey-seed-file": str(files["service"]),
+        "--issuer-seed-file": str(files["issuer"]),
+        "--account": APP,
+    }
+    flags.update({"--" + name.replace("_", "-"): value for name, value in override.items()})
+    args = ["serve"]
+    for flag, value in flags.items():
+        for item in [value] if isinstance(value, str) else value:
+            args += [flag, item]
+    for path in [files["xkey"]] * xkey + list(xkeys):
+        args += ["--xkey-seed-file", str(path)]
     return [*args, *extra]
 
 
@@ -308,3 +331,120 @@ def watch_connection(nc: Any, seed: str) -> Any:
         )
 
     return connect
+
+
+START_TIMEOUT = 30.0  # first run: nats-server start, JetStream, bucket creation
+
+
+def printed(handle: Subprocess, pattern: str) -> re.Match[str]:
+    """A match in the non-JSON text `callout dev` prints on stderr for the human."""
+    for line in handle.raw:
+        if (m := re.search(pattern, line)) is not None:
+            return m
+    raise AssertionError(f"{pattern!r} not printed; stderr:\n" + "\n".join(handle.raw))
+
+
+async def stop_with_ctrl_c(handle: Subprocess) -> int:
+    handle.proc.send_signal(signal.SIGINT)
+    code = await asyncio.to_thread(handle.proc.wait, 15)
+    await asyncio.to_thread(wait_logged, handle, "nats_server_stopped")
+    return code
+
+
+@dataclass
+class Wire:
+    """What a bystander in the callout account sees: every request (a list, and a queue to take
+    them in order), every reply (a queue), and how many replies each request's inbox got."""
+
+    requests: list[Msg] = field(default_factory=list)
+    inboxes: list[str] = field(default_factory=list)
+    replies: Counter[str] = field(default_factory=Counter)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _requests: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    _replies: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+
+    def answered(self) -> int:
+        return sum(1 for inbox in self.inboxes if self.replies[inbox] > 0)
+
+    async def request(self) -> Msg:
+        """The next request not taken yet."""
+        return await asyncio.wait_for(self._requests.get(), 5)
+
+    async def reply(self) -> Msg:
+        """The next reply not taken yet."""
+        return await asyncio.wait_for(self._replies.get(), 5)
+
+
+async def watch(nc: Client) -> Wire:
+    """Start watching the callout subjects through `nc` (a user of the callout account)."""
+    wire = Wire()
+
+    async def on_request(msg: Msg) -> None:
+        wire.requests.append(msg)
+        wire._requests.put_nowait(msg)
+        wire.inboxes.append(msg.reply or "")  # no reply subject: the counts catch it
+        wire.changed.set()
+
+    async def on_reply(msg: Msg) -> None:
+        wire.replies[msg.subject] += 1
+        wire._replies.put_nowait(msg)
+        wire.changed.set()
+
+    await nc.subscribe(AUTH_SUBJECT, cb=on_request)
+    await nc.subscribe("$SYS._INBOX.>", cb=on_reply)
+    await nc.flush()
+    return wire
+
+
+def wait_logged(handle: Subprocess, event: str, timeout: float = 15.0) -> dict[str, Any]:
+    """Wait for a JSON log line even if the process has already exited: its last lines may
+    still be in the pipe, and `Subprocess.wait_for` gives up as soon as the process is gone.
+    Waits on the reader thread's own notification, never on a fixed delay."""
+
+    def found() -> dict[str, Any] | None:
+        return next((d for d in handle.lines if d.get("event") == event), None)
+
+    with handle._cond:
+        handle._cond.wait_for(lambda: found() is not None, timeout)
+        doc = found()
+    assert doc is not None, f"no {event!r} line; stderr:\n" + "\n".join(handle.raw[-20:])
+    return doc
+
+
+def kill_quietly(handle: Subprocess) -> None:
+    """Teardown for a test that failed half-way: never leave a process behind."""
+    if handle.proc.poll() is None:
+        handle.kill()
+
+
+async def start_replicas(args: Sequence[str], n: int = 2) -> list[Subprocess]:
+    """`n` service processes, each awaited on its own "ready" line."""
+    replicas = [spawn(args) for _ in range(n)]
+    try:
+        await asyncio.gather(*(r.await_event("ready") for r in replicas))
+    except BaseException:
+        for replica in replicas:
+            replica.kill()
+        raise
+    return replicas
+
+
+@contextlib.asynccontextmanager
+async def revocable(
+    server: Any, files: dict[str, Path], keys: Keys, *names: str
+) -> AsyncIterator[tuple[Subprocess, Any, list[tuple[str, str]]]]:
+    """A user with a record for each name, and a service (with the system identity, so it can
+    kick) whose users cache is live; yields the service, the users bucket and each user's
+    (seed, public key)."""
+    admin = await nats_connect(server.url, keys.service_seed)
+    kv = await users_bucket(admin)
+    users = [new_user() for _ in names]
+    for name, (_, pub) in zip(names, users, strict=True):
+        await kv.put(pub, record(name))
+    service = spawn(serve_args(server, files, "--system-nkey-seed-file", str(files["system"])))
+    try:
+        await service.await_event("users_cache_live")
+        yield service, kv, users
+    finally:
+        service.terminate()
+        await admin.close()

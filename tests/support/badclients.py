@@ -1,4 +1,4 @@
-"""Bad clients in a loop, in a process of their own (`python -m tests.faults.badclients`), so
+"""Bad clients in a loop, in a process of their own (`python -m tests.support.badclients`), so
 their CPU does not count against the latency a test measures for real clients in its own
 event loop (it does count against the machine, as a real brute force would).
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import nkeys
 
-from tests.harness import new_user
+from tests.support.nats import new_user
 
 
 async def connect_from(

@@ -2,7 +2,7 @@
 and their user JWTs, `.creds` files, and the nats-server config that trusts them through the
 memory resolver (docs/protocol.md §5, "Minimal working operator mode").
 
-Independent of the `callout` package, like `tests.harness`: keys come from the `nkeys`
+Independent of the `callout` package, like `tests.support.nats`: keys come from the `nkeys`
 package and the JWTs are encoded here, so a bug in `callout.jwt` cannot hide behind a test
 fixture built with the same code. The JSON field names are nats-io/jwt v2's
 (`v2/operator_claims.go`, `account_claims.go`, `user_claims.go`, `authorization_claims.go`).
@@ -22,7 +22,7 @@ from typing import Any
 import nacl.signing
 import nkeys
 
-from tests.harness import new_account, new_curve, new_user
+from tests.support.nats import new_account, new_curve, new_user
 
 #: Account limits that mean "no limit": zeros would mean *no* connections (§5).
 UNLIMITED: dict[str, Any] = {

@@ -24,20 +24,24 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
-from tests.harness import AUTH_ERR_SUBJECT, AUTH_SUBJECT, Keys, nats_connect, new_user, raw_connect
-from tests.service import APP
+from tests.support.nats import (
+    AUTH_SUBJECT,
+    SERVICE_ERROR,
+    Keys,
+    nats_connect,
+    new_user,
+    on_auth_errors,
+    raw_connect,
+)
+from tests.support.wait import eventually
 
-#: nats-server's prefix before the service's `error` text in the auth-error event (§3 check 7).
-SERVICE_ERROR = "Auth callout service returned an error: "
 #: The event reason for an empty-body answer (§3 check 1): an explicit, immediate deny too.
 EMPTY_BODY = 'Auth callout violation: "no reason supplied"'
 #: Roles that must never be admitted.
@@ -185,12 +189,10 @@ class Witness:
     async def open(cls, url: str, keys: Keys, **options: Any) -> Witness:
         nc = await nats_connect(url, keys.service_seed, **options)
         witness = cls(nc)
-        await nc.subscribe(AUTH_ERR_SUBJECT, cb=witness._on_event)
-        await nc.flush()
+        await on_auth_errors(nc, witness._on_event)
         return witness
 
-    async def _on_event(self, msg: Msg) -> None:
-        event = orjson.loads(msg.data)
+    def _on_event(self, event: dict[str, Any]) -> None:
         connection = (event.get("server", {}).get("id", ""), event.get("client", {}).get("id", 0))
         self._queues[connection].put_nowait(event)
 
@@ -335,33 +337,11 @@ class Probes:
         self.tally.relabel(early, "revoked_within_staleness")
         return len(early)
 
-
-async def eventually(
-    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float = 10.0
-) -> None:
-    """Poll a condition that has no event of its own (a count in another process's log, a
-    server's state) against a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-def serve_cmd(url: str, files: dict[str, Path], *extra: str) -> list[str]:
-    """`callout serve` args for a given URL (the proxy's, or a server's)."""
-    return [
-        "serve",
-        "--nats-url", url,
-        "--nkey-seed-file", str(files["service"]),
-        "--issuer-seed-file", str(files["issuer"]),
-        "--account", APP,
-        *extra,
-    ]  # fmt: skip
+    async def recovered(self, since: float, within: float) -> None:
+        """Wait until the known user is admitted 3 times in a row after `since` (within
+        `within` s), and then until every role has 3 outcomes after `since`."""
+        await eventually(lambda: self.streak("known", since) >= 3, within)
+        await eventually(lambda: all(len(self.since(since, role)) >= 3 for role in self.roles))
 
 
 def rss_bytes(pid: int) -> int:

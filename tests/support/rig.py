@@ -4,7 +4,9 @@ users cache, the reconnect settings, the signal handling), and a `Witness` for t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +14,10 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from tests.faults.scenario import BACKEND_TIMEOUT, Users, Witness, serve_cmd
-from tests.harness import Keys, NatsServer, nats_connect
-from tests.service import Subprocess, record, seed_files, spawn, users_bucket
+from tests.support.nats import Keys, NatsServer, nats_connect, new_user
+from tests.support.service import Subprocess, record, seed_files, serve_args, spawn, users_bucket
+from tests.support.wait import eventually
+from tests.support.witness import BACKEND_TIMEOUT, Users, Witness
 
 #: Every attempt goes through the store: with the failure limiter on, the revoked user would
 #: be denied `throttled` without a lookup after a few attempts, and every test client comes
@@ -37,13 +40,21 @@ class Rig:
     users: Users
     svc: Subprocess | None = None
 
+    async def known_users(self, n: int) -> list[tuple[str, str]]:
+        """`n` more users with an admin record each (named k0, k1, ...): `(seed, public key)`."""
+        kv = await users_bucket(self.admin)
+        users = [new_user() for _ in range(n)]
+        for i, (_, pub) in enumerate(users):
+            await kv.put(pub, record(f"k{i}", admin=True))
+        return users
+
     async def put_users(self) -> None:
         kv = await users_bucket(self.admin)
         await kv.put(self.users.known[1], record("known", admin=True))
         await kv.put(self.users.revoked[1], record("revoked", admin=True, revoked=True))
 
     async def serve(self, *extra: str, url: str | None = None) -> Subprocess:
-        self.svc = spawn(serve_cmd(url or self.server.url, self.files, *FAULT_FLAGS, *extra))
+        self.svc = spawn(serve_args(url or self.server.url, self.files, *FAULT_FLAGS, *extra))
         await self.svc.await_event("ready")
         return self.svc
 
@@ -84,3 +95,59 @@ async def rig(
         await witness.close()
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+#: The contract: denied within 100 ms of losing the store.
+BOUND = 0.1
+
+
+#: Known-user loops running at once: under a storm each attempt takes long, so more loops.
+KNOWN_LOOPS = {False: 4, True: 24}
+
+
+@contextlib.asynccontextmanager
+async def storm(
+    admin: Client, svc: Subprocess | None, url: str, tmp_path: Path, on: bool
+) -> AsyncIterator[None]:
+    """`IN_FLIGHT` connects at a time to `url` by admitted users, for as long as the block
+    runs; `svc` is the service they reach."""
+    if not on:
+        yield
+        return
+    assert svc is not None
+    kv = await users_bucket(admin)
+    seeds = []
+    for i in range(STORM_USERS):
+        seed, pub = new_user()
+        await kv.put(pub, record(f"storm{i}", admin=True))
+        seeds.append(seed)
+    seed_file = tmp_path / "storm-seeds.txt"
+    seed_file.write_text("\n".join(seeds) + "\n")
+    before = len(svc.lines)
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.loadgen",
+        "--url", url,
+        "--seed-file", str(seed_file),
+        "--connects", "100000000",
+        "--concurrency", str(IN_FLIGHT),
+        "--timeout", "10",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # Under way: the service has decided a thousand of the storm's connects.
+        await eventually(lambda: len(svc.lines) - before > 1000, 30)
+        yield
+        assert load.returncode is None, "the storm ended before the measurement did"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            load.kill()
+        await load.wait()
+
+
+#: Connects the storm keeps in flight.
+IN_FLIGHT = 2000
+
+
+#: The storm's own users (admitted, from the cache).
+STORM_USERS = 50

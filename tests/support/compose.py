@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_name
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,3 +229,13 @@ class LocalCompose:
             timeout=60,
             check=False,
         )
+
+
+def locked() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    return pins
