@@ -429,7 +429,11 @@ async def scan_messages(
             # What the scan must reach: a fresh consumer can report nothing pending before it
             # has caught up (seen on R3 clusters), and the stream's last message always comes.
             state = (await nc.jetstream().stream_info(stream)).state
-            until = state.last_seq if state.messages else 0
+            if not state.messages:
+                # Nothing to read, and no consumer to create: on a stream just made on a busy
+                # cluster, creating one can outlast the request timeout.
+                return True
+            until = state.last_seq
         sub = await nc.jetstream().subscribe(
             prefix + ">",
             stream=stream,
@@ -441,9 +445,14 @@ async def scan_messages(
         )
     except nats.js.errors.NotFoundError:
         return False
+    except nats.errors.TimeoutError:
+        raise StoreError(f"JetStream did not answer reading bucket {bucket!r}") from None
     consumer: str | None = None
     try:
-        info = await sub.consumer_info()
+        try:
+            info = await sub.consumer_info()
+        except nats.errors.TimeoutError:
+            raise StoreError(f"JetStream did not answer reading bucket {bucket!r}") from None
         consumer = info.name
         if info.num_pending == 0 and sub.delivered == 0:
             loaded.set()  # an empty bucket sends nothing that marks the end

@@ -122,6 +122,8 @@ async def test_replayed_to_the_other_replica(
             assert (await tried(tally, r.witness, server.url, known_seed, "known")).admitted
             await eventually(lambda: any(decided(svc, known) for svc in replicas))
             answered, other = replicas if decided(replicas[0], known) else replicas[::-1]
+            # The copy the capture gets may reach it after the replica has logged its decision.
+            await eventually(lambda: len(seen) >= 1)
             (original,) = seen
             # Only the other replica is left to take the copy.
             assert await asyncio.to_thread(answered.terminate) == 0
