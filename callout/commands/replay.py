@@ -38,7 +38,7 @@ from callout.commands.serve import (
     signers_from_args,
 )
 from callout.config import add
-from callout.decision import Policy
+from callout.decision import Policy, PolicyError
 from callout.keys import KeyKind, SigningKey, is_public, load_curve_key, load_signing_key
 from callout.records import account_problem
 from callout.store import StoreError
@@ -185,7 +185,10 @@ def policy_overrides(args: argparse.Namespace) -> dict[str, Override]:
 
 
 def _merged(recorded: Policy, overrides: dict[str, Override], operator: bool) -> Policy:
-    policy = dataclasses.replace(recorded, **{k: v for k, (_, v) in overrides.items()})
+    try:
+        policy = dataclasses.replace(recorded, **{k: v for k, (_, v) in overrides.items()})
+    except PolicyError as exc:
+        fail(str(exc))
     if problem := placement_problem(
         policy.account, policy.allowed_accounts, policy.forbidden_accounts
     ):
