@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
-from callout import log, operations, recording
+from callout import log, observability, recording
 from callout.commands.common import (
     Identity,
     add_identity_flags,
@@ -305,7 +305,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     if revoker is not None:
         service.observers.append(revoker.observe)
     await service.start()
-    ops = await operations.start(nc, service, store, args)
+    ops = await observability.start(nc, service, store, args)
     # Tell the operator now, not at the first denied user, that the store is not there.
     # The service serves on regardless: internal keys do not need the store.
     try:
@@ -507,7 +507,7 @@ def register(sub: Any) -> None:
     add(
         p,
         "--record-max-bytes",
-        type=operations.byte_size,
+        type=observability.byte_size,
         default=recording.DEFAULT_MAX_BYTES,
         help="start a new recording file past this size (e.g. 64MiB)",
     )
@@ -527,5 +527,5 @@ def register(sub: Any) -> None:
         help="which decisions get an info line: all, deny (denies and drops), none",
     )
     add(p, "--log-format", default="json", choices=["json", "console"])
-    operations.register_flags(p)
+    observability.register_flags(p)
     p.set_defaults(run=lambda a: serve(a), logs=True)

@@ -1,4 +1,4 @@
-"""Helpers for the operations tests: an in-process service with `callout.operations` around it,
+"""Helpers for the operations tests: an in-process service with `callout.observability` around it,
 a bare HTTP client for the health port, and a reader for the Prometheus text format."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from callout import operations
-from callout.operations import Operations
+from callout import observability
+from callout.observability import Observability
 from callout.store import Store
 from tests.harness import Keys, NatsServer
 from tests.service import InProcess, start_in_process
@@ -91,7 +91,7 @@ def ops_args(**overrides: Any) -> argparse.Namespace:
 @dataclass
 class Operated:
     svc: InProcess
-    ops: Operations
+    ops: Observability
 
     @property
     def port(self) -> int:
@@ -111,7 +111,7 @@ async def operated(
 ) -> AsyncIterator[Operated]:
     svc = await start_in_process(server, keys, store=store, **policy)
     try:
-        ops = await operations.start(svc.nc, svc.service, svc.service.store, args or ops_args())
+        ops = await observability.start(svc.nc, svc.service, svc.service.store, args or ops_args())
         try:
             yield Operated(svc, ops)
         finally:

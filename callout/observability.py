@@ -131,7 +131,7 @@ def subscribed(service: CalloutService) -> bool:
 
 
 @dataclass
-class Operations:
+class Observability:
     nc: Client
     service: CalloutService
     store: Store
@@ -184,7 +184,7 @@ class Operations:
 
 async def start(
     nc: Client, service: CalloutService, store: Store, args: argparse.Namespace
-) -> Operations:
+) -> Observability:
     metrics = Metrics()
     readiness = Readiness(
         connected=lambda: nc.is_connected,
@@ -194,7 +194,7 @@ async def start(
     )
     discovery = Discovery(nc, service)
     verdicts = Verdicts(nc, metrics)
-    ops = Operations(nc, service, store, metrics, readiness, discovery, verdicts)
+    ops = Observability(nc, service, store, metrics, readiness, discovery, verdicts)
     service.observers += [metrics.observe, discovery.observe, verdicts.observe]
     _scrape_gauges(ops)
 
@@ -245,7 +245,7 @@ async def start(
     return ops
 
 
-def _scrape_gauges(ops: Operations) -> None:
+def _scrape_gauges(ops: Observability) -> None:
     metrics, service, store, nc = ops.metrics, ops.service, ops.store, ops.nc
 
     def ready() -> float | None:
