@@ -25,10 +25,10 @@ from typing import Any
 
 from callout import log
 from callout.commands import serve as serve_command
-from callout.commands.common import Identity, connect, fail
 from callout.commands.keys import KEY_FILES, generate_keys
 from callout.commands.serve import serve
-from callout.config import add
+from callout.connection import Identity, connect
+from callout.errors import fail
 from callout.keys import (
     CurveKey,
     KeyKind,
@@ -38,6 +38,7 @@ from callout.keys import (
     write_secret,
 )
 from callout.records import Permissions, Rules, UserRecord, dump_record
+from callout.settings import DevSettings, ServeSettings, add_flags, from_args
 from callout.store import kv as kvstore
 
 DEMO_FILE = "demo.nk"
@@ -131,7 +132,9 @@ def _port_free(port: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = Path(args.data_dir).resolve()
+    settings = from_args(DevSettings, args)
+    log.setup("info", settings.log_format)
+    data = Path(settings.data_dir).resolve()
     keys_dir = data / "keys"
     if not (keys_dir / KEY_FILES["issuer"]).exists():
         generate_keys(keys_dir)
@@ -142,11 +145,11 @@ def run(args: argparse.Namespace) -> int:
     demo = _user_seed(keys_dir / DEMO_FILE)
     system = _user_seed(keys_dir / SYSTEM_FILE)
     _user_seed(keys_dir / ALICE_FILE, public=True)
-    if not _port_free(args.port):
-        fail(f"port {args.port} is in use; pass --port")
+    if not _port_free(settings.port):
+        fail(f"port {settings.port} is in use; pass --port")
     conf = data / "nats.conf"
     conf.write_text(
-        render_config(args.port, data, issuer.public, service.public, xk.public, system.public)
+        render_config(settings.port, data, issuer.public, service.public, xk.public, system.public)
     )
     server_log = data / "nats-server.log"
     proc = subprocess.Popen(  # noqa: S603 (our own binary, our own arguments)
@@ -159,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
         preexec_fn=_die_with_parent,
     )
     try:
-        _wait_for_port(args.port, proc, time.monotonic() + 15)
-        url = f"nats://127.0.0.1:{args.port}"
+        _wait_for_port(settings.port, proc, time.monotonic() + 15)
+        url = f"nats://127.0.0.1:{settings.port}"
         return asyncio.run(_serve(url, keys_dir, service, demo, server_log))
     finally:
         proc.terminate()
@@ -211,12 +214,10 @@ async def _serve(
             "--account", "APP",
         ]
     )  # fmt: skip
-    return await serve(serve_args)
+    return await serve(from_args(ServeSettings, serve_args))
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("dev", help="run everything locally: nats-server, keys, a demo user")
-    add(p, "--data-dir", default=".callout-dev", help="keys, config and JetStream data")
-    add(p, "--port", type=int, default=4222, help="client port of the bundled nats-server")
-    add(p, "--log-format", default="console", choices=["json", "console"])
-    p.set_defaults(run=run, logs=True)
+    add_flags(p, DevSettings)
+    p.set_defaults(run=run)

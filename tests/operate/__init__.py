@@ -3,7 +3,6 @@ a bare HTTP client for the health port, and a reader for the Prometheus text for
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from callout import observability
 from callout.observability import Observability
+from callout.settings import ObservabilitySettings
 from callout.store import Store
 from tests.harness import Keys, NatsServer
 from tests.service import InProcess, start_in_process
@@ -76,16 +76,15 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
         await asyncio.sleep(0.05)
 
 
-def ops_args(**overrides: Any) -> argparse.Namespace:
+def ops_args(**overrides: Any) -> ObservabilitySettings:
     base: dict[str, Any] = {
         "metrics_addr": ("127.0.0.1", 0),
         "audit_stream": None,
         "audit_max_age": 3600.0,
         "audit_max_bytes": 1 << 24,
-        "backend_timeout": 1.0,
     }
     base.update(overrides)
-    return argparse.Namespace(**base)
+    return ObservabilitySettings(**base)
 
 
 @dataclass
@@ -106,12 +105,14 @@ async def operated(
     keys: Keys,
     *,
     store: Store | None = None,
-    args: argparse.Namespace | None = None,
+    args: ObservabilitySettings | None = None,
     **policy: Any,
 ) -> AsyncIterator[Operated]:
     svc = await start_in_process(server, keys, store=store, **policy)
     try:
-        ops = await observability.start(svc.nc, svc.service, svc.service.store, args or ops_args())
+        ops = await observability.start(
+            svc.nc, svc.service, svc.service.store, args or ops_args(), probe_timeout=1.0
+        )
         try:
             yield Operated(svc, ops)
         finally:
