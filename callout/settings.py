@@ -41,7 +41,6 @@ from callout.decision import (
 from callout.errors import UserError
 from callout.health import parse_address
 from callout.keys import (
-    CurveKey,
     KeyError_,
     KeyKind,
     SigningKey,
@@ -519,7 +518,7 @@ class PolicySettings:
                 ),
             )
         if self.xkey_seed_file is not None:
-            xkeys: tuple[CurveKey, ...] = tuple(load_curve_key(p) for p in self.xkey_seed_file)
+            xkeys = tuple(load_curve_key(path) for path in self.xkey_seed_file)
             out["xkeys"] = ("--xkey-seed-file", xkeys)
         if self.account is not None:
             out["account"] = ("--account", self.account)
