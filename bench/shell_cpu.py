@@ -16,7 +16,7 @@ the machine only ever adds time, and a short round is more likely to miss it.
   callout         `CalloutService._on_message` as `callout serve` runs it by default: the
                   users cache answering from memory, the replay record, the limiter, the
                   decision log line (JSON, to /dev/null) and the observers that
-                  `operations.start` installs (metrics, service discovery, server verdicts);
+                  `observability.start` installs (metrics, service discovery, server verdicts);
   -log            the same with --log-decisions none;
   -observers      the same without the observers;
   -log-observers  neither.

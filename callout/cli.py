@@ -11,18 +11,17 @@ import argparse
 import asyncio
 import inspect
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import nats.errors
 import nats.js.errors
 
-from callout import __version__, log
+from callout import __version__
 from callout.commands import connect, dev, keys, replay, serve, users
-from callout.commands.common import UserError
-from callout.config import Parser
+from callout.errors import UserError
 from callout.keys import KeyError_, SeedFileError
 from callout.records import RecordError
+from callout.settings import Parser
 from callout.store import StoreError
 from callout.store import kv as kvstore
 
@@ -34,17 +33,6 @@ def parser() -> argparse.ArgumentParser:
     for command in (serve, users, keys, dev, connect, replay):
         command.register(sub)
     return p
-
-
-def _run(coro: Coroutine[Any, Any, int], event_loop: str) -> int:
-    if event_loop == "uvloop":
-        try:
-            import uvloop  # a dependency, except where it has no wheels (Windows)
-        except ImportError:
-            coro.close()
-            raise UserError("--event-loop uvloop: uvloop is not installed (use asyncio)") from None
-        return int(uvloop.run(coro))
-    return asyncio.run(coro)
 
 
 def _nats_error(exc: nats.errors.Error) -> str:
@@ -62,12 +50,12 @@ def _error(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "logs", False):
-        log.setup(getattr(args, "log_level", "info"), getattr(args, "log_format", "json"))
     try:
+        # A command builds its settings from `args` (a mistake there is a UserError too) and
+        # returns its exit status, or a coroutine to run for it.
         result = args.run(args)
         if inspect.iscoroutine(result):
-            result = _run(result, getattr(args, "event_loop", "asyncio"))
+            result = asyncio.run(result)
         return int(result)
     except (UserError, SeedFileError, KeyError_, RecordError, StoreError) as exc:
         _error(str(exc))

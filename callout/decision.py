@@ -146,6 +146,14 @@ _MAX_SIG_TEXT = 128
 CLIENT_KINDS: Final = {"Client": "client", "Leafnode": "leafnode"}
 
 
+class PolicyError(ValueError):
+    """A `Policy` that breaks one of its rules; the message names the flag that sets it."""
+
+
+# The system account's names in config mode: never placed into, whatever else is configured.
+SYSTEM_ACCOUNTS: Final = frozenset({"SYS", "$SYS"})
+
+
 @dataclass(frozen=True, slots=True)
 class AccountSigner:
     """Operator mode: the key that signs one target account's user JWTs. The server places a
@@ -178,7 +186,7 @@ class Policy:
     # Never placed, whatever --allowed-account says: the system account and the callout
     # account (a user there could answer auth requests). Config mode has no server-side
     # check on the user JWT's aud (docs/protocol.md §5, "Placing a user in an account").
-    forbidden_accounts: frozenset[str] = frozenset({"SYS", "$SYS"})
+    forbidden_accounts: frozenset[str] = SYSTEM_ACCOUNTS
     # Operator mode (empty in config mode): target account name -> its signer; and, when the
     # issuer is a signing key of the callout account, that account's public key. Config mode
     # must never set issuer_account: the server refuses it there (docs/protocol.md §3 check 14).
@@ -199,11 +207,66 @@ class Policy:
 
     def __post_init__(self) -> None:
         if not self.allowed_kinds or not self.allowed_kinds <= set(CLIENT_KINDS.values()):
-            raise ValueError(
+            raise PolicyError(
                 f"allowed_kinds must be a non-empty subset of {sorted(CLIENT_KINDS.values())}"
             )
         if not 0 < self.fail_window < float("inf") or not 0 <= self.user_ttl < float("inf"):
-            raise ValueError("fail_window and user_ttl must be finite (fail_window > 0)")
+            raise PolicyError("fail_window and user_ttl must be finite (fail_window > 0)")
+        if not 0 < self.backend_timeout < float("inf"):
+            raise PolicyError("--backend-timeout must be > 0")
+        if not SYSTEM_ACCOUNTS <= self.forbidden_accounts:
+            raise PolicyError(f"the forbidden accounts must include {', '.join(SYSTEM_ACCOUNTS)}")
+        # --account places internal keys and soft-mode admits: it obeys the same rule.
+        if bad := sorted((self.allowed_accounts | {self.account}) & self.forbidden_accounts):
+            raise PolicyError(
+                f"refusing to place users in {', '.join(bad)}: the system and callout accounts"
+                " are never allowed (--allowed-account / --account)"
+            )
+        if self.signers:
+            self._check_operator_mode()
+        elif self.issuer_account is not None:
+            raise PolicyError(
+                "--account-signer and --issuer-account are for operator mode (--operator)"
+            )
+
+    def _check_operator_mode(self) -> None:
+        """Operator mode places a user by the key that signs its JWT (docs/protocol.md §3
+        check 15), so the name rules above cannot see where a signer puts users: these do."""
+        if missing := sorted((self.allowed_accounts | {self.account}) - self.signers.keys()):
+            raise PolicyError(
+                f"operator mode: no --account-signer for account(s) {', '.join(missing)}"
+            )
+        if self.issuer_account is not None:
+            try:
+                decode_public(self.issuer_account, KeyKind.ACCOUNT)
+            except KeyError_ as exc:
+                raise PolicyError(f"--issuer-account: {exc}") from None
+        callout_keys = {self.issuer.public, self.issuer_account or self.issuer.public}
+        for name, signer in self.signers.items():
+            if signer.account in callout_keys or signer.key.public in callout_keys:
+                raise PolicyError(
+                    f"--account-signer {name}: that is the callout account's key; users are"
+                    " never placed in the callout account"
+                )
+        if not self.forbidden_account_keys or not all(
+            is_public(key, KeyKind.ACCOUNT) for key in self.forbidden_account_keys
+        ):
+            raise PolicyError(
+                "operator mode: --system-account must be the system account's public key"
+                " (A..., the server's `system_account`), so no --account-signer can place"
+                " users in it"
+            )
+        for name, signer in self.signers.items():
+            if signer.account in self.forbidden_account_keys:
+                raise PolicyError(
+                    f"--account-signer {name}: that is the system account's key; users are"
+                    " never placed in the system account"
+                )
+
+
+def forbidden_accounts(system_account: str, callout_account: str) -> frozenset[str]:
+    """The accounts never placed into, by name, whatever --allowed-account says."""
+    return SYSTEM_ACCOUNTS | {system_account, callout_account}
 
 
 # Request and Decision are values, never changed once built, but not `frozen`: a frozen

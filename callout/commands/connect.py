@@ -9,15 +9,16 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 import nats
 import orjson
 
-from callout.commands.common import split_urls, tls_context
-from callout.config import add
+from callout.connection import split_urls, tls_context
 from callout.keys import KeyKind, load_signing_key
+from callout.settings import ConnectSettings, add_flags, from_args
 
 
 def duration(seconds: float) -> str:
@@ -40,7 +41,11 @@ def expiry(nanoseconds: object, now: float) -> object:
     return f"{at.removesuffix('+00:00')}Z (in {duration(left)})"
 
 
-async def try_connect(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    return try_connect(from_args(ConnectSettings, args))
+
+
+async def try_connect(args: ConnectSettings) -> int:
     seed = load_signing_key(args.nkey_seed_file, KeyKind.USER, "--nkey-seed-file")
     closed = asyncio.Event()
     refused: list[str] = []
@@ -75,7 +80,7 @@ async def try_connect(args: argparse.Namespace) -> int:
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             closed_cb=on_closed,
-            tls=tls_context(args.tls_ca, args.tls_cert, args.tls_key),
+            tls=tls_context(args.tls),
         )
     except Exception as exc:
         print(
@@ -105,14 +110,5 @@ async def try_connect(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("connect", help="connect as a user and show its account and permissions")
-    add(p, "--nats-url", default="nats://127.0.0.1:4222")
-    add(p, "--nkey-seed-file", required=True, help="the user's seed")
-    add(p, "--tls-ca", help="CA bundle to verify the server's certificate")
-    add(p, "--tls-cert", help="client certificate (mutual TLS)")
-    add(p, "--tls-key", help="client certificate's private key (mutual TLS)")
-    p.add_argument(
-        "--stay",
-        action="store_true",
-        help="stay connected until the server closes the connection (exit 1 then)",
-    )
-    p.set_defaults(run=try_connect, logs=False)
+    add_flags(p, ConnectSettings)
+    p.set_defaults(run=run)

@@ -19,10 +19,10 @@ from typing import Any
 
 from callout import log
 from callout.commands import serve as serve_command
-from callout.commands.common import Identity, connect, fail
 from callout.commands.keys import KEY_FILES, generate_keys
 from callout.commands.serve import serve
-from callout.config import add
+from callout.connection import Identity, connect
+from callout.errors import fail
 from callout.keys import (
     CurveKey,
     KeyKind,
@@ -33,6 +33,7 @@ from callout.keys import (
 )
 from callout.nats_server import NatsServer, NatsServerError
 from callout.records import Permissions, Rules, UserRecord, dump_record
+from callout.settings import DevSettings, ServeSettings, add_flags, from_args
 from callout.store import kv as kvstore
 
 DEMO_FILE = "demo.nk"
@@ -103,7 +104,9 @@ def _port_free(port: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = Path(args.data_dir).resolve()
+    settings = from_args(DevSettings, args)
+    log.setup("info", settings.log_format)
+    data = Path(settings.data_dir).resolve()
     keys_dir = data / "keys"
     if not (keys_dir / KEY_FILES["issuer"]).exists():
         generate_keys(keys_dir)
@@ -114,11 +117,11 @@ def run(args: argparse.Namespace) -> int:
     demo = _user_seed(keys_dir / DEMO_FILE)
     system = _user_seed(keys_dir / SYSTEM_FILE)
     _user_seed(keys_dir / ALICE_FILE, public=True)
-    if not _port_free(args.port):
-        fail(f"port {args.port} is in use; pass --port")
+    if not _port_free(settings.port):
+        fail(f"port {settings.port} is in use; pass --port")
     server = NatsServer(
-        render_config(args.port, data, issuer.public, service.public, xk.public, system.public),
-        port=args.port,
+        render_config(settings.port, data, issuer.public, service.public, xk.public, system.public),
+        port=settings.port,
         workdir=data,
         log_name="nats-server.log",
         die_with_parent=True,  # a SIGKILL of this process must not leave the server behind
@@ -174,12 +177,10 @@ async def _serve(
             "--account", "APP",
         ]
     )  # fmt: skip
-    return await serve(serve_args)
+    return await serve(from_args(ServeSettings, serve_args))
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("dev", help="run everything locally: nats-server, keys, a demo user")
-    add(p, "--data-dir", default=".callout-dev", help="keys, config and JetStream data")
-    add(p, "--port", type=int, default=4222, help="client port of the bundled nats-server")
-    add(p, "--log-format", default="console", choices=["json", "console"])
-    p.set_defaults(run=run, logs=True)
+    add_flags(p, DevSettings)
+    p.set_defaults(run=run)

@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
-from callout.commands.common import fail
-from callout.config import add
+from callout.errors import fail
 from callout.keys import CurveKey, KeyKind, SigningKey, write_secret
+from callout.settings import KeysSettings, add_flags, from_args
 
 KEY_FILES = {"issuer": "issuer.nk", "service": "service.nk", "xkey": "xkey.nk"}
 
@@ -33,9 +33,10 @@ def generate_keys(out: Path) -> dict[str, str]:
     return {"issuer": issuer.public, "service": service.public, "xkey": xk.public}
 
 
-async def keys(args: argparse.Namespace) -> int:
-    publics = generate_keys(Path(args.out))
-    sys.stdout.write(orjson.dumps({**publics, "dir": str(args.out)}).decode() + "\n")
+def keys(args: argparse.Namespace) -> int:
+    settings = from_args(KeysSettings, args)
+    publics = generate_keys(Path(settings.out))
+    sys.stdout.write(orjson.dumps({**publics, "dir": settings.out}).decode() + "\n")
     print(
         "put these in nats.conf: auth_callout { issuer: "
         f"{publics['issuer']}, auth_users: [{publics['service']}], xkey: {publics['xkey']} }}",
@@ -48,5 +49,5 @@ def register(sub: Any) -> None:
     p = sub.add_parser("keys", help="key material")
     actions = p.add_subparsers(dest="action", required=True)
     g = actions.add_parser("generate", help="issuer, service and xkey seeds as 0600 files")
-    add(g, "--out", required=True, help="directory to write into")
-    p.set_defaults(run=keys, logs=False)
+    add_flags(g, KeysSettings)
+    p.set_defaults(run=keys)

@@ -8,7 +8,7 @@ import argparse
 import contextlib
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import nats.errors
@@ -16,15 +16,8 @@ import orjson
 from nats.aio.client import Client
 
 from callout import migrate
-from callout.commands.common import (
-    Identity,
-    add_identity_flags,
-    connect,
-    fail,
-    identity_from_args,
-    user_key,
-)
-from callout.config import add, replicas
+from callout.connection import Identity, connect, load_identity
+from callout.errors import fail
 from callout.records import (
     Permissions,
     RecordError,
@@ -35,6 +28,7 @@ from callout.records import (
     parse_record,
     subject_problem,
 )
+from callout.settings import UsersSettings, add_flags, from_args, user_key
 from callout.store import StoreError
 from callout.store import kv as kvstore
 
@@ -61,11 +55,17 @@ def _subjects(values: Sequence[str] | None, flag: str) -> tuple[str, ...]:
     return tuple(values or ())
 
 
-async def users(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    settings = from_args(UsersSettings, args)
     if args.action in _BULK:
-        return await _bulk(args)
+        return _bulk(settings, args)
+    return users(settings, args)
+
+
+async def users(settings: UsersSettings, args: argparse.Namespace) -> int:
+    """One action of `args` (its own arguments) on the bucket `settings` name."""
     # Validate everything the command was given before connecting, so nothing is half-written.
-    key = user_key(args.key) if getattr(args, "key", None) else ""
+    key = user_key(args.key) if args.action != "list" else ""
     record: UserRecord | None = None
     if args.action == "add":
         if args.account is not None and (problem := account_problem(args.account)) is not None:
@@ -85,14 +85,14 @@ async def users(args: argparse.Namespace) -> int:
                 ),
             ),
         )
-    identity = identity_from_args(args, "callout users")
-    nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
+    identity = load_identity(settings.identity, "callout users")
+    nc = await connect(settings.nats_url, identity, name="callout-users", reconnect=False)
     try:
-        await kvstore.ensure_bucket(nc, args.users_bucket, args.replicas)
-        bucket = kvstore.KVStore(nc, args.users_bucket)
+        await kvstore.ensure_bucket(nc, settings.users_bucket, settings.replicas)
+        bucket = kvstore.KVStore(nc, settings.users_bucket)
         if args.action == "add":
             assert record is not None
-            if not await kvstore.create(nc, args.users_bucket, key, dump_record(record)):
+            if not await kvstore.create(nc, settings.users_bucket, key, dump_record(record)):
                 fail(f"user {key} already exists (use revoke, or remove it first)")
             _out({"key": key, **record.as_json()})
         elif args.action == "get":
@@ -104,10 +104,10 @@ async def users(args: argparse.Namespace) -> int:
         elif args.action == "list":
             # One ordered-consumer pass that checks it reached the stream's end, not a key
             # listing followed by a get per key (nats-py's listing can come back short).
-            for k, value in await kvstore.entries(nc, args.users_bucket):
+            for k, value in await kvstore.entries(nc, settings.users_bucket):
                 _out(_show(k, value))
         elif args.action == "revoke":
-            return await _revoke(nc, args.users_bucket, bucket, key, args.keep_sessions)
+            return await _revoke(nc, settings.users_bucket, bucket, key, args.keep_sessions)
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -142,16 +142,7 @@ async def _revoke(
 
 def register(sub: Any) -> None:
     p = sub.add_parser("users", help="manage user records in the KV bucket")
-    add(p, "--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL(s)")
-    add_identity_flags(p, "a user of the callout account")
-    add(p, "--users-bucket", default="users", help="JetStream KV bucket of user records")
-    add(
-        p,
-        "--replicas",
-        type=replicas,
-        default=None,
-        help="replicas if the bucket is created (1..5)",
-    )
+    add_flags(p, UsersSettings)
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("add", help="add a user (fails if it exists)")
     a.add_argument("key", help="user public nkey (U...)")
@@ -171,7 +162,7 @@ def register(sub: Any) -> None:
     )
     r.add_argument("key")
     _register_bulk(actions)
-    p.set_defaults(run=users, logs=False)
+    p.set_defaults(run=run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,10 +176,10 @@ def _say(line: str) -> None:
     print(f"callout: {line}", file=sys.stderr)
 
 
-async def _bulk(args: argparse.Namespace) -> int:
-    identity = identity_from_args(args, "callout users")
+async def _bulk(settings: UsersSettings, args: argparse.Namespace) -> int:
+    identity = load_identity(settings.identity, "callout users")
     if args.action == "export":
-        return await _export(args, identity)
+        return await _export(settings, identity)
     # The whole input is read and validated before connecting: invalid rows write nothing.
     try:
         if args.action == "import":
@@ -207,10 +198,10 @@ async def _bulk(args: argparse.Namespace) -> int:
         fail(str(exc))
     if collected.invalid:
         return _finish(migrate.Report.of(collected, dry_run=args.dry_run, planned=False))
-    nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
+    nc = await connect(settings.nats_url, identity, name="callout-users", reconnect=False)
     try:
         bucket = await kvstore.open_bucket(
-            nc, args.users_bucket, create=not args.dry_run, replicas=args.replicas
+            nc, settings.users_bucket, create=not args.dry_run, replicas=settings.replicas
         )
         await migrate.plan(bucket, collected.items, overwrite=args.overwrite)
         if not args.dry_run:
@@ -244,12 +235,13 @@ def _finish(report: migrate.Report) -> int:
     return 0 if report.ok else 1
 
 
-async def _export(args: argparse.Namespace, identity: Identity) -> int:
-    nc = await connect(args.nats_url, identity, name="callout-users", reconnect=False)
+async def _export(settings: UsersSettings, identity: Identity) -> int:
+    nc = await connect(settings.nats_url, identity, name="callout-users", reconnect=False)
     try:
-        if await kvstore.open_bucket(nc, args.users_bucket, create=False, replicas=None) is None:
-            raise StoreError(f"bucket {args.users_bucket!r} does not exist")
-        entries = await kvstore.entries(nc, args.users_bucket)
+        bucket = settings.users_bucket
+        if await kvstore.open_bucket(nc, bucket, create=False, replicas=None) is None:
+            raise StoreError(f"bucket {bucket!r} does not exist")
+        entries = await kvstore.entries(nc, bucket)
     except nats.errors.Error as exc:
         raise StoreError(f"NATS error: {type(exc).__name__}") from None
     finally:

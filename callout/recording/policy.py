@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import orjson
 
-from callout.decision import CLIENT_KINDS, AccountSigner, Policy
+from callout.decision import CLIENT_KINDS, AccountSigner, Policy, PolicyError
 from callout.keys import CurveKey, KeyError_, KeyKind, SigningKey, decode_public
 from callout.records import Permissions, RecordError, account_problem, parse_permissions
 
@@ -226,7 +226,11 @@ def load(doc: object) -> RecordedPolicy:
         name: AccountSigner(SigningKey.generate(KeyKind.ACCOUNT), account)
         for name, (account, _key) in values["signers"].items()
     }
-    return RecordedPolicy(complete, Policy(**values), stand_ins)
+    try:
+        policy = Policy(**values)
+    except PolicyError as exc:  # fields that read well one by one, but break a rule together
+        raise PolicyDocumentError(f"policy: {exc}") from None
+    return RecordedPolicy(complete, policy, stand_ins)
 
 
 __all__ = ["DEFAULTS", "FIELDS", "PolicyDocumentError", "RecordedPolicy", "document", "load"]

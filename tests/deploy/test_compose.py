@@ -26,8 +26,8 @@ from ruamel.yaml import YAML
 
 from callout.cli import parser
 from callout.commands.keys import KEY_FILES
-from callout.config import env_name
 from callout.keys import KeyKind, load_curve_key, load_signing_key
+from callout.settings import env_name
 from tests.support.compose import (
     BIN,
     GENERATED,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from callout.decision import PolicyError
 from tests.support.admission import USER_INFO, deployment, expect_denied, granted, info_as, perms
 from tests.support.nats import Keys, NatsServer, ServerFactory, new_user, raw_connect
-from tests.support.service import APP, record, run_cli
+from tests.support.service import APP, policy_for, record, run_cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +162,13 @@ async def test_record_naming_system_or_callout_account_denied_even_if_allowed(
     server = nats_server()
     seed, pub = new_user()
     allowed = frozenset({APP, account})
-    async with deployment(server, keys, allowed_accounts=allowed) as dep:
+    # No Policy allowing it can be built; the running service's is changed past that check, to
+    # show the decision rules still deny it.
+    with pytest.raises(PolicyError, match=f"refusing to place users in {account}"):
+        policy_for(keys, allowed_accounts=allowed)
+    async with deployment(server, keys) as dep:
+        assert dep.svc is not None
+        object.__setattr__(dep.svc.service.authorizer.policy, "allowed_accounts", allowed)
         await dep.put(pub, record("intruder", admin=True, account=account))
         await expect_denied(dep, seed, "account_not_allowed")
 

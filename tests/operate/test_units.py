@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from callout import decision as d
-from callout import log, operations
+from callout import log, observability, settings
 from callout.audit import audit_document, message_for, permissions_hash
 from callout.decision import Decision, Request
 from callout.health import HttpServer, Readiness, Response, cache_live, parse_address
@@ -124,7 +124,7 @@ def test_cache_gauges_from_a_caching_store() -> None:
     ops.readiness = Readiness(
         connected=lambda: True, subscribed=lambda: True, store=store, probe_timeout=1
     )
-    operations._scrape_gauges(ops)
+    observability._scrape_gauges(ops)
     text = page(metrics)
     assert value(text, "callout_cache_entries") == 2
     assert value(text, "callout_cache_watch_state", state="live") == 1
@@ -240,7 +240,7 @@ def test_parse_address() -> None:
 def test_flags_parse_and_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALLOUT_AUDIT_MAX_AGE", "12h")
     parser = argparse.ArgumentParser()
-    operations.register_flags(parser)
+    settings.add_flags(parser, settings.ObservabilitySettings)
     args = parser.parse_args(
         ["--metrics-addr", "0.0.0.0:9090", "--audit-stream", "AUDIT", "--audit-max-bytes", "2GiB"]
     )
@@ -250,17 +250,17 @@ def test_flags_parse_and_come_from_the_environment(monkeypatch: pytest.MonkeyPat
     assert args.audit_max_bytes == 2 << 30
     defaults = parser.parse_args([])
     assert defaults.metrics_addr is None and defaults.audit_stream is None
-    assert operations.duration("90") == 90 and operations.duration("500ms") == 0.5
-    assert operations.byte_size("100M") == 100 << 20 and operations.byte_size("4096") == 4096
+    assert settings.duration("90") == 90 and settings.duration("500ms") == 0.5
+    assert settings.byte_size("100M") == 100 << 20 and settings.byte_size("4096") == 4096
     for bad_age in ("0", "-1d", "soon", "3w"):
         with pytest.raises(argparse.ArgumentTypeError):
-            operations.duration(bad_age)
+            settings.duration(bad_age)
     for bad_size in ("0", "1.5GB", "lots"):
         with pytest.raises(argparse.ArgumentTypeError):
-            operations.byte_size(bad_size)
+            settings.byte_size(bad_size)
     for bad_name in ("a.b", "a b", "x>", ""):
         with pytest.raises(argparse.ArgumentTypeError):
-            operations.stream_name(bad_name)
+            settings.stream_name(bad_name)
 
 
 # ---------------------------------------------------------------------------------------------

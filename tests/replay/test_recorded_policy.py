@@ -34,6 +34,7 @@ ENCRYPTED = tuple(name.replace("plain_", "encrypted_") for name in PLAIN)
 def full_policy() -> Policy:
     """A policy with every field away from its default, so a field lost on the way shows."""
     signer_seed, signer_account = new_account()
+    ops_seed, ops_account = new_account()
     return dataclasses.replace(
         policy(encrypted=True),
         allowed_accounts=frozenset({"APP", "OPS"}),
@@ -43,11 +44,15 @@ def full_policy() -> Policy:
         user_ttl=600.0,
         backend_timeout=0.5,
         forbidden_accounts=frozenset({"SYS", "$SYS", "AUTH", "MYSYS"}),
-        signers={"APP": AccountSigner(SigningKey.from_seed(signer_seed), signer_account)},
+        signers={
+            "APP": AccountSigner(SigningKey.from_seed(signer_seed), signer_account),
+            "OPS": AccountSigner(SigningKey.from_seed(ops_seed), ops_account),
+        },
         issuer_account=new_account()[1],
         fail_limit_key=3,
         fail_limit_host=7,
         fail_window=2.5,
+        forbidden_account_keys=frozenset({new_account()[1]}),
     )
 
 
@@ -70,13 +75,15 @@ def test_the_document_round_trips_with_stand_ins_for_every_key() -> None:
     assert doc["xkeys"] == [key.public for key in original.xkeys]
     assert list(read.xkeys) == doc["xkeys"] and read.policy.xkeys == tuple(read.xkeys.values())
     assert read.policy.xkeys[0].public != original.xkeys[0].public
-    ((name, signer),) = read.policy.signers.items()
-    assert (name, signer.account) == ("APP", original.signers["APP"].account)
-    assert signer.key.public != original.signers["APP"].key.public
-    assert doc["signers"]["APP"]["key"] == original.signers["APP"].key.public
+    assert sorted(read.policy.signers) == ["APP", "OPS"]
+    for name, signer in read.policy.signers.items():
+        assert signer.account == original.signers[name].account
+        assert signer.key.public != original.signers[name].key.public
+        assert doc["signers"][name]["key"] == original.signers[name].key.public
     # No secret at all in what is written.
     text = orjson.dumps(doc)
-    for secret in (original.issuer.seed, original.xkeys[0].seed, original.signers["APP"].key.seed):
+    secrets = [original.issuer.seed, original.xkeys[0].seed]
+    for secret in secrets + [signer.key.seed for signer in original.signers.values()]:
         assert_absent(secret, text)
 
 

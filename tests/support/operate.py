@@ -1,9 +1,8 @@
-"""Helpers for the operations tests: an in-process service with `callout.operations` around it,
+"""Helpers for the operations tests: an in-process service with `callout.observability` around it,
 a bare HTTP client for the health port, and a reader for the Prometheus text format."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -15,8 +14,9 @@ import orjson
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from callout import operations
-from callout.operations import Operations
+from callout import observability
+from callout.observability import Observability
+from callout.settings import ObservabilitySettings
 from callout.store import Store
 from tests.support.nats import Keys, NatsServer
 from tests.support.service import InProcess, start_in_process
@@ -68,22 +68,21 @@ async def scrape(port: int) -> str:
     return response.body
 
 
-def ops_args(**overrides: Any) -> argparse.Namespace:
+def ops_args(**overrides: Any) -> ObservabilitySettings:
     base: dict[str, Any] = {
         "metrics_addr": ("127.0.0.1", 0),
         "audit_stream": None,
         "audit_max_age": 3600.0,
         "audit_max_bytes": 1 << 24,
-        "backend_timeout": 1.0,
     }
     base.update(overrides)
-    return argparse.Namespace(**base)
+    return ObservabilitySettings(**base)
 
 
 @dataclass
 class Operated:
     svc: InProcess
-    ops: Operations
+    ops: Observability
 
     @property
     def port(self) -> int:
@@ -98,12 +97,14 @@ async def operated(
     keys: Keys,
     *,
     store: Store | None = None,
-    args: argparse.Namespace | None = None,
+    args: ObservabilitySettings | None = None,
     **policy: Any,
 ) -> AsyncIterator[Operated]:
     svc = await start_in_process(server, keys, store=store, **policy)
     try:
-        ops = await operations.start(svc.nc, svc.service, svc.service.store, args or ops_args())
+        ops = await observability.start(
+            svc.nc, svc.service, svc.service.store, args or ops_args(), probe_timeout=1.0
+        )
         try:
             yield Operated(svc, ops)
         finally:

@@ -9,6 +9,7 @@ own focused tests below. The clock is fixed (`NOW`); nothing here does I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,16 @@ def make_rig(*, xkey: bool = False, client: ClientKey | None = None, **policy: A
         client or ClientKey.generate(),
         Authorizer(policy_for(keys, xkey=xkey, **policy)),
     )
+
+
+def rig_past_validation(*, client: ClientKey | None = None, **fields: Any) -> Rig:
+    """A rig whose Policy gets `fields` after it was built, past its own checks: for the rules'
+    second line of defence, which must hold even for a Policy no caller can construct."""
+    keys = make_keys()
+    policy = policy_for(keys)
+    for name, value in fields.items():
+        object.__setattr__(policy, name, value)
+    return Rig(keys, ServerIdentity.generate(), client or ClientKey.generate(), Authorizer(policy))
 
 
 def internal_rig(**policy: Any) -> Rig:
@@ -415,7 +426,11 @@ def test_record_account_not_allowed() -> None:
 @pytest.mark.parametrize("account", ["SYS", "$SYS", "AUTH"])
 def test_system_and_callout_accounts_denied_even_if_allowed(account: str) -> None:
     # As `callout serve` builds it: forbidden = SYS, $SYS, system and callout account (AUTH).
-    rig = make_rig(allowed_accounts=frozenset({APP, "SYS", "$SYS", "AUTH"}))
+    # Such a Policy cannot be built...
+    with pytest.raises(d.PolicyError, match=f"refusing to place users in .*{re.escape(account)}"):
+        policy_for(make_keys(), allowed_accounts=frozenset({APP, account}))
+    # ... and the rules deny them anyway.
+    rig = rig_past_validation(allowed_accounts=frozenset({APP, "SYS", "$SYS", "AUTH"}))
     forged = rig.forge()
     decision = rig.run(forged, Found(record("mallory", account=account)))
     assert decision.reason == d.ACCOUNT_NOT_ALLOWED
@@ -429,12 +444,12 @@ def test_system_and_callout_accounts_denied_even_if_allowed(account: str) -> Non
 
 def test_policy_default_forbids_the_system_account() -> None:
     keys = make_keys()
-    bare = d.Policy(
-        issuer=SigningKey.from_seed(keys.issuer_seed),
-        account=APP,
-        allowed_accounts=frozenset({APP, "SYS", "$SYS"}),
-    )
+    issuer = SigningKey.from_seed(keys.issuer_seed)
+    bare = d.Policy(issuer=issuer, account=APP, allowed_accounts=frozenset({APP}))
     assert {"SYS", "$SYS"} <= bare.forbidden_accounts
+    with pytest.raises(d.PolicyError, match="refusing to place users in"):
+        d.Policy(issuer=issuer, account=APP, allowed_accounts=frozenset({APP, "SYS", "$SYS"}))
+    object.__setattr__(bare, "allowed_accounts", frozenset({APP, "SYS", "$SYS"}))
     rig = Rig(keys, ServerIdentity.generate(), ClientKey.generate(), Authorizer(bare))
     for account in ("SYS", "$SYS"):
         assert rig.run(rig.forge(), Found(record("s", account=account))).reason == (
@@ -1233,12 +1248,17 @@ def test_limiter_is_bounded_and_can_be_off() -> None:
 
 
 def test_default_account_is_never_sys_or_the_callout_account() -> None:
-    # Even if a configuration got past the CLI: internal keys and soft-mode admits are placed
-    # in --account, which obeys the same rule as a record's account.
+    # Internal keys and soft-mode admits are placed in --account, which obeys the same rule as
+    # a record's account: no Policy can name them, and even one that got past that is denied.
     for account in ("SYS", "AUTH"):
-        internal = internal_rig(account=account, allowed_accounts=frozenset({"APP"}))
+        with pytest.raises(d.PolicyError, match=f"refusing to place users in {account}"):
+            policy_for(make_keys(), account=account, allowed_accounts=frozenset({"APP"}))
+        client = ClientKey.generate()
+        internal = rig_past_validation(
+            client=client, account=account, internal_keys=(client.public,)
+        )
         assert internal.run(internal.forge(), None).reason == d.ACCOUNT_NOT_ALLOWED
-        soft = make_rig(account=account, mode="soft", allowed_accounts=frozenset({"APP"}))
+        soft = rig_past_validation(account=account, mode="soft")
         assert soft.run(soft.forge(), Missing()).reason == d.ACCOUNT_NOT_ALLOWED
 
 
@@ -1444,6 +1464,12 @@ def test_operator_mode_never_places_into_a_forbidden_account_key() -> None:
     """The name a signer is given is ours; the key is what places (docs/protocol.md §3 check 15)."""
     seed, system_key = new_account()
     signer = d.AccountSigner(SigningKey.from_seed(seed), system_key)
-    rig = make_rig(signers={APP: signer}, forbidden_account_keys=frozenset({system_key}))
+    fields: dict[str, Any] = {
+        "signers": {APP: signer},
+        "forbidden_account_keys": frozenset({system_key}),
+    }
+    with pytest.raises(d.PolicyError, match="that is the system account's key"):
+        policy_for(make_keys(), **fields)
+    rig = rig_past_validation(**fields)
     decision = rig.run(rig.forge(), Found(ALICE))
     assert decision.reason == d.ACCOUNT_NOT_ALLOWED

@@ -128,7 +128,8 @@ def test_keep_sessions_is_a_record_field() -> None:
     "text", ['{"pub": {"allow": ["a"]}, "pub": {}}', '{"publish": {"allow": ["a"]}}', "NaN"]
 )
 def test_permission_flags_are_as_strict_as_records(text: str) -> None:
-    from callout.commands.common import UserError, permissions_json
+    from callout.errors import UserError
+    from callout.settings import permissions_json
 
     with pytest.raises(UserError) as info:
         permissions_json(text, "--default-permissions")

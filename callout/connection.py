@@ -1,55 +1,32 @@
-"""What every command shares: one-line user errors, key arguments, and the NATS connection."""
+"""How a command reaches NATS: its identity (an nkey seed or a .creds file, optionally over
+TLS) and the connection, which fails with one line instead of retrying forever."""
 
 from __future__ import annotations
 
-import argparse
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client
 
-from callout.config import add
+from callout.errors import fail
 from callout.keys import (
     KeyError_,
     KeyKind,
     SeedFileError,
     SigningKey,
-    decode_public,
     load_signing_key,
     read_seed_file,
 )
-from callout.records import Permissions, RecordError, loads, parse_permissions
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
-
-
-def fail(message: str) -> NoReturn:
-    raise UserError(message)
+from callout.settings import IdentitySettings, TlsSettings
 
 
 def split_urls(text: str) -> list[str]:
     return [u.strip() for u in text.split(",") if u.strip()]
-
-
-def user_key(text: str) -> str:
-    """Keys are case-insensitive on input and stored upper-case."""
-    key = text.strip().upper()
-    try:
-        decode_public(key, KeyKind.USER)
-    except KeyError_ as exc:
-        if key.startswith("S"):
-            # Never echo what may be a seed; and say why it matters.
-            fail("that looks like a seed, not a public key: pass the U... public key (and"
-                 " treat the seed you passed as exposed)")  # fmt: skip
-        fail(f"invalid user public key {text[:60]!r}: {exc}")
-    return key
 
 
 @dataclass(frozen=True)
@@ -62,19 +39,10 @@ class Identity:
     tls: ssl.SSLContext | None = None
 
 
-def add_identity_flags(p: argparse.ArgumentParser, what: str) -> None:
-    add(p, "--nkey-seed-file", help=f"{what}: a user seed (SU...)")
-    add(p, "--creds", help=f"{what}: a .creds file (user JWT + seed), for operator mode")
-    add(p, "--tls-ca", help="CA bundle to verify the servers' certificates")
-    add(p, "--tls-cert", help="client certificate (mutual TLS)")
-    add(p, "--tls-key", help="client certificate's private key (mutual TLS)")
-
-
-def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
+    ca, cert, key = settings.tls_ca, settings.tls_cert, settings.tls_key
     if not (ca or cert or key):
         return None
-    if bool(cert) != bool(key):
-        fail("--tls-cert and --tls-key go together")
     for flag, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
         # ssl reports a missing file without its name (FileNotFoundError.filename is None).
         if path and not Path(path).is_file():
@@ -88,24 +56,23 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
     return context
 
 
-def identity_from_args(args: argparse.Namespace, what: str) -> Identity:
-    tls = tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    if args.creds and args.nkey_seed_file:
-        fail("give --nkey-seed-file or --creds, not both")
-    if args.creds:
+def load_identity(settings: IdentitySettings, what: str) -> Identity:
+    """The identity the settings name, its files read and checked (`what` says whose it is)."""
+    tls = tls_context(settings.tls)
+    if settings.creds:
         # Same rules as a seed file: it holds one (group/other-readable files are refused).
         try:
-            seed = read_seed_file(args.creds)
+            seed = read_seed_file(settings.creds)
             key = SigningKey.from_seed(seed)
         except (SeedFileError, KeyError_) as exc:
             fail(f"--creds: {exc}")
         if key.kind is not KeyKind.USER:
-            fail(f"--creds {args.creds} holds a {key.kind.name.lower()} seed, not a user seed")
-        return Identity(key, creds=str(args.creds), tls=tls)
-    if not args.nkey_seed_file:
+            fail(f"--creds {settings.creds} holds a {key.kind.name.lower()} seed, not a user seed")
+        return Identity(key, creds=str(settings.creds), tls=tls)
+    if not settings.nkey_seed_file:
         fail(f"{what}: --nkey-seed-file (or --creds) is required")
     return Identity(
-        load_signing_key(args.nkey_seed_file, KeyKind.USER, "--nkey-seed-file"), tls=tls
+        load_signing_key(settings.nkey_seed_file, KeyKind.USER, "--nkey-seed-file"), tls=tls
     )
 
 
@@ -173,12 +140,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc).strip() or type(exc).__name__
-
-
-def permissions_json(text: str | None, flag: str) -> Permissions:
-    if not text:
-        return Permissions()
-    try:
-        return parse_permissions(loads(text.encode(), flag), flag)
-    except RecordError as exc:
-        fail(str(exc))

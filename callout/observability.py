@@ -1,16 +1,14 @@
 """Everything an operator watches, wired around a running `CalloutService`: metrics, the
 health/metrics HTTP endpoint, NATS service discovery, the audit trail and the server's
-verdicts. `callout serve` calls `register_flags` and then `start` / `stop`; nothing here is on
-the decision path except the observers, which only count and enqueue.
+verdicts, as `ObservabilitySettings` ask. `callout serve` calls `start` and `Observability.stop`;
+nothing here is on the decision path except the observers, which only count and enqueue.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -18,9 +16,8 @@ from nats.aio.client import Client
 
 from callout import log
 from callout.audit import Audit, AuditConfig
-from callout.commands.common import fail
-from callout.config import add
 from callout.discovery import Discovery
+from callout.errors import fail
 from callout.health import (
     HttpServer,
     Readiness,
@@ -28,97 +25,16 @@ from callout.health import (
     Status,
     cache_size,
     cache_state,
-    parse_address,
 )
 from callout.metrics import AUDIT_LOSS_CAUSES, CONTENT_TYPE, Metrics
 from callout.service import CalloutService
+from callout.settings import ObservabilitySettings
 from callout.store import Store
 from callout.verdicts import Verdicts
 
 # Readiness is also evaluated in the background, so the `callout_ready` gauge and the
 # `readiness` log line follow the store even when nobody polls /readyz.
 MONITOR_INTERVAL: Final = 5.0
-DEFAULT_AUDIT_MAX_AGE: Final = 30 * 86400.0
-DEFAULT_AUDIT_MAX_BYTES: Final = 1 << 30
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
-_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"(\d+)\s*([kmgt]i?b?|b)?")
-_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-# ---------------------------------------------------------------------------------------------
-# flags
-# ---------------------------------------------------------------------------------------------
-def address(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def duration(text: str) -> float:
-    """Seconds from `90`, `90s`, `15m`, `12h`, `30d` (or `500ms`); must be > 0."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h, 90s; got {text!r}")
-    value = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def byte_size(text: str) -> int:
-    """Bytes from `1073741824`, `512MiB`, `1GB`, `100M` (K/M/G/T, powers of 1024); > 0."""
-    match = _SIZE.fullmatch(text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected a size like 1GiB, 512MiB; got {text!r}")
-    unit = (match.group(2) or "b")[0]
-    value: int = int(match.group(1)) * 1024 ** "bkmgt".index(unit)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def stream_name(text: str) -> str:
-    if not _STREAM_NAME.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"invalid stream name {text!r}: letters, digits, '-' and '_' only (at most 64)"
-        )
-    return text
-
-
-def register_flags(parser: argparse.ArgumentParser) -> None:
-    add(
-        parser,
-        "--metrics-addr",
-        type=address,
-        metavar="HOST:PORT",
-        help="serve /metrics, /healthz and /readyz here (default: off)",
-    )
-    add(
-        parser,
-        "--audit-stream",
-        type=stream_name,
-        metavar="NAME",
-        help="publish one audit message per decision to this JetStream stream (default: off)",
-    )
-    add(
-        parser,
-        "--audit-max-age",
-        type=duration,
-        default=DEFAULT_AUDIT_MAX_AGE,
-        metavar="DURATION",
-        help="audit stream retention by age when creating it, e.g. 30d (default 30d)",
-    )
-    add(
-        parser,
-        "--audit-max-bytes",
-        type=byte_size,
-        default=DEFAULT_AUDIT_MAX_BYTES,
-        metavar="SIZE",
-        help="audit stream retention by size when creating it, e.g. 1GiB (default 1GiB)",
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +47,7 @@ def subscribed(service: CalloutService) -> bool:
 
 
 @dataclass
-class Operations:
+class Observability:
     nc: Client
     service: CalloutService
     store: Store
@@ -183,23 +99,30 @@ class Operations:
 
 
 async def start(
-    nc: Client, service: CalloutService, store: Store, args: argparse.Namespace
-) -> Operations:
+    nc: Client,
+    service: CalloutService,
+    store: Store,
+    settings: ObservabilitySettings,
+    *,
+    probe_timeout: float,
+) -> Observability:
+    """Wire everything `settings` asks for around a started service; readiness probes the
+    store within `probe_timeout` (the policy's --backend-timeout)."""
     metrics = Metrics()
     readiness = Readiness(
         connected=lambda: nc.is_connected,
         subscribed=lambda: subscribed(service),
         store=store,
-        probe_timeout=float(getattr(args, "backend_timeout", 1.0)),
+        probe_timeout=probe_timeout,
     )
     discovery = Discovery(nc, service)
     verdicts = Verdicts(nc, metrics)
-    ops = Operations(nc, service, store, metrics, readiness, discovery, verdicts)
+    ops = Observability(nc, service, store, metrics, readiness, discovery, verdicts)
     service.observers += [metrics.observe, discovery.observe, verdicts.observe]
     _scrape_gauges(ops)
 
     # A port already in use is a configuration mistake: report it before starting the rest.
-    addr = getattr(args, "metrics_addr", None)
+    addr = settings.metrics_addr
     if addr is not None:
         host, port = addr
         ops.http = HttpServer(
@@ -219,14 +142,14 @@ async def start(
         log.info("metrics_listening", host=host, port=ops.http.port)
     await discovery.start()
     await verdicts.start()
-    stream = getattr(args, "audit_stream", None)
+    stream = settings.audit_stream
     if stream:
         ops.audit = Audit(
             nc,
             AuditConfig(
                 stream=stream,
-                max_age=getattr(args, "audit_max_age", DEFAULT_AUDIT_MAX_AGE),
-                max_bytes=getattr(args, "audit_max_bytes", DEFAULT_AUDIT_MAX_BYTES),
+                max_age=settings.audit_max_age,
+                max_bytes=settings.audit_max_bytes,
             ),
             metrics,
         )
@@ -245,7 +168,7 @@ async def start(
     return ops
 
 
-def _scrape_gauges(ops: Operations) -> None:
+def _scrape_gauges(ops: Observability) -> None:
     metrics, service, store, nc = ops.metrics, ops.service, ops.store, ops.nc
 
     def ready() -> float | None:
