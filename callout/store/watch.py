@@ -199,14 +199,19 @@ class WatchedStore:
         probe timeout; when it falls silent for longer (stalled, gone) or an election begins,
         the lookup goes to the bucket or a replica as any other."""
         while self.state == "live" and not self._main_down and not self._view.election:
-            if self._view.until >= asked:  # until = the confirming probe's send time + window
-                return True
-            monitor = self._monitor
-            if monitor is None or time.monotonic() - monitor.leader_answered > self._probe_timeout:
-                return False
+            # Counted as waiting before the view is read: a view the watch thread publishes
+            # after this read wakes this wait.
             changed = self._changed
             self._waiting += 1
             try:
+                if self._view.until >= asked:  # until = the confirming probe's send time + window
+                    return True
+                monitor = self._monitor
+                silent = monitor is None or (
+                    time.monotonic() - monitor.leader_answered > self._probe_timeout
+                )
+                if silent:
+                    return False
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._window):
                         await changed.wait()
