@@ -180,16 +180,19 @@ class WatchedStore:
             return _answer(view, key)
         if view.election and not self._main_down:
             return await self._through_election(key, view)
-        if await self._confirmed_for(asked):
-            return _answer(self._view, key)
+        confirmed = await self._confirmed_for(asked)
+        if confirmed is not None:
+            return _answer(confirmed, key)
         view = self._view
         if view.election and not self._main_down:
             return await self._through_election(key, view)
         return await self._from_the_bucket(key)
 
-    async def _confirmed_for(self, asked: float) -> bool:
+    async def _confirmed_for(self, asked: float) -> _View | None:
         """Wait for a confirmation that covers a lookup asked at `asked`: one from a probe sent
-        at most `window` before it, the bound an answer given at once has too.
+        at most `window` before it, the bound an answer given at once has too. Returns the view
+        so confirmed (the answer must come from that view, not from one read later, which the
+        watch thread may have replaced with an empty one), or None.
 
         A saturated server (a connect storm on a small box) answers probes later than the
         window, so the copy is never confirmed *now*; each late answer still proves the copy
@@ -204,20 +207,21 @@ class WatchedStore:
             changed = self._changed
             self._waiting += 1
             try:
-                if self._view.until >= asked:  # until = the confirming probe's send time + window
-                    return True
+                view = self._view
+                if view.until >= asked:  # until = the confirming probe's send time + window
+                    return view
                 monitor = self._monitor
                 silent = monitor is None or (
                     time.monotonic() - monitor.leader_answered > self._probe_timeout
                 )
                 if silent:
-                    return False
+                    return None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._window):
                         await changed.wait()
             finally:
                 self._waiting -= 1
-        return False
+        return None
 
     async def _from_the_bucket(self, key: str) -> bytes | None:
         """A direct read (from the stream's leader), unless the copy becomes answerable first:
