@@ -17,7 +17,7 @@ Output (committed; all keys are throw-away test keys):
   recorder's wall clock when the request arrived: the replay's fixed clock), ``headers``,
   ``token_b64`` (the request as the server signed it; for an encrypted one the box opened,
   with ``opened_with`` the xkey that opened it), the decoded ``request`` and, as its
-  ``decision``, the one the issue's rules demand. Unlike the service's recordings it has no
+  ``decision``, the one the admission rules demand. Unlike the service's recordings it has no
   policy line (the policy is keys.json's, given as flags) and it keeps the token of a
   user/password or token client (throw-away credentials), which the service would redact;
 - ``tests/replay/cases.json``: for each case, what the script did (``client``) and the store
@@ -25,7 +25,7 @@ Output (committed; all keys are throw-away test keys):
 - ``tests/replay/keys.json``: issuer, service and xkey seeds, the internal keys and the
   account configuration the expectations assume.
 
-The expectations are written here from the issue's rules, not computed by ``callout``: the
+The expectations are written here from the admission rules, not computed by ``callout``: the
 replay test then checks the sans-I/O core against them.
 """
 

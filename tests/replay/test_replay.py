@@ -4,7 +4,7 @@ through the sans-I/O core with the recorded arrival time as a fixed clock.
 The data comes from ``tests/replay/record.py`` (run by hand; see its docstring). Each case
 is a recording of one request (the format ``callout serve --record-dir`` writes): the
 request as the server signed it and the headers the service received, with the decision
-the issue's rules demand; ``cases.json`` beside it holds the store contents to answer with.
+the admission rules demand; ``cases.json`` beside it holds the store contents to answer with.
 The cases are read and fed to the core by ``callout.recording.replay``, the mechanism behind
 ``callout replay`` (so these tests are also its tests, and the CLI is run over the committed
 cases at the end). The responses are decoded

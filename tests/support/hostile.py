@@ -94,7 +94,7 @@ class Case:
         )
 
     def param(self) -> Any:
-        """A pytest parameter: known issues are strict expected failures."""
+        """A pytest parameter: known bugs are strict expected failures."""
         marks = (
             [pytest.mark.xfail(strict=True, reason=self.known_issue)] if self.known_issue else []
         )
