@@ -8,7 +8,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -46,23 +46,39 @@ async def watched(
     return store, direct
 
 
-async def test_live_cache_answers_without_round_trips(nats_server: Any, keys: Keys) -> None:
+async def silent(*_: Any) -> None:
+    """A probe's request that gets no answer: a stalled JetStream, as the probes see it."""
+    return None
+
+
+@contextlib.asynccontextmanager
+async def live_copy(
+    nats_server: Any, keys: Keys, records: Mapping[str, bytes]
+) -> AsyncIterator[tuple[Any, WatchedStore, CountingStore]]:
+    """A server whose users bucket holds `records`, and a cache of it that has gone live: the
+    bucket, the cache and its direct store; the cache stopped and the connection closed after."""
     server = nats_server()
     nc = await nats_connect(server.url, keys.service_seed)
     kv = await users_bucket(nc)
-    _, alice = new_user()
-    await kv.put(alice, record("alice"))
+    for key, value in records.items():
+        await kv.put(key, value)
     store, direct = await watched(nc, keys)
     try:
         await asyncio.wait_for(store.live_event.wait(), 5)
+        yield kv, store, direct
+    finally:
+        await store.stop()
+        await nc.close()
+
+
+async def test_live_cache_answers_without_round_trips(nats_server: Any, keys: Keys) -> None:
+    _, alice = new_user()
+    async with live_copy(nats_server, keys, {alice: record("alice")}) as (_, store, direct):
         assert store.size == 1
         assert await store.get(alice) == record("alice")
         _, stranger = new_user()
         assert await store.get(stranger) is None
         assert direct.calls == 0
-    finally:
-        await store.stop()
-        await nc.close()
 
 
 async def test_revocation_reaches_every_replica_within_100ms(nats_server: Any, keys: Keys) -> None:
@@ -281,20 +297,11 @@ async def test_large_bucket_loads_completely(nats_server: Any, keys: Keys) -> No
 async def test_a_silent_jetstream_stops_the_copy_within_the_window(
     nats_server: Any, keys: Keys
 ) -> None:
-    server = nats_server()
-    nc = await nats_connect(server.url, keys.service_seed)
-    kv = await users_bucket(nc)
     _, alice = new_user()
-    await kv.put(alice, record("alice"))
-    store, direct = await watched(nc, keys)
-    try:
-        await asyncio.wait_for(store.live_event.wait(), 5)
+    async with live_copy(nats_server, keys, {alice: record("alice")}) as (_, store, direct):
         monitor = store._monitor
         assert monitor is not None
         real_request = monitor.request
-
-        async def silent(*_: Any) -> None:
-            return None  # no answer: a stalled JetStream, as the probes see it
 
         monitor.request = silent  # type: ignore[method-assign]
         silenced = time.monotonic()
@@ -308,9 +315,6 @@ async def test_a_silent_jetstream_stops_the_copy_within_the_window(
         await cache_reaches(lambda: store.live, timeout=5)
         assert store.get_nowait(alice) == record("alice")
         assert time.monotonic() - silenced < 5
-    finally:
-        await store.stop()
-        await nc.close()
 
 
 async def test_probes_answered_late_still_answer_lookups_from_the_copy(
@@ -319,15 +323,9 @@ async def test_probes_answered_late_still_answer_lookups_from_the_copy(
     """A saturated server answers every probe after its window: a lookup waits for the
     confirmation that covers it instead of going to the bucket, sees every write acknowledged
     before it was asked, and goes to the bucket once the leader stops answering at all."""
-    server = nats_server()
-    nc = await nats_connect(server.url, keys.service_seed)
-    kv = await users_bucket(nc)
     _, alice = new_user()
     _, bob = new_user()
-    await kv.put(alice, record("alice"))
-    store, direct = await watched(nc, keys)
-    try:
-        await asyncio.wait_for(store.live_event.wait(), 5)
+    async with live_copy(nats_server, keys, {alice: record("alice")}) as (kv, store, direct):
         monitor = store._monitor
         assert monitor is not None
         real_request = monitor.request
@@ -347,9 +345,6 @@ async def test_probes_answered_late_still_answer_lookups_from_the_copy(
         assert await store.get(alice) == TOMBSTONE
         assert direct.calls == 0 and store.state == "live"
 
-        async def silent(*_: Any) -> None:
-            return None
-
         monitor.request = silent  # type: ignore[method-assign]
         # The late answers already on their way still confirm; then the leader is silent.
         await cache_reaches(lambda: time.monotonic() - monitor.leader_answered > 0.2)
@@ -357,9 +352,6 @@ async def test_probes_answered_late_still_answer_lookups_from_the_copy(
         assert await store.get(bob) == record("bob") and direct.calls == 1
         # It waited for the leader's silence to outlast a probe's timeout (0.5 s), no longer.
         assert time.monotonic() - answered > 0.5
-    finally:
-        await store.stop()
-        await nc.close()
 
 
 def spin(seconds: float, each: Callable[[], None]) -> None:
