@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -55,6 +55,8 @@ SUBJECT = "$SYS.REQ.USER.AUTH"
 # Longest run of callback work (seconds) before the event loop gets a turn: bounds how long a
 # decided reply waits to be written while a backlog is worked off, at one loop turn each.
 SLICE: Final = 0.005
+
+T = TypeVar("T")
 
 LogDecisions = Literal["all", "deny", "none"]
 LOG_DECISIONS: Final = ("all", "deny", "none")
@@ -229,35 +231,37 @@ class CalloutService:
         await self._finish(msg, received, answer)
 
     async def _lookup(self, pending: Pending, received: float) -> StoreAnswer:
-        request = pending.request
-        budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
-        if budget <= 0:
-            return TimedOut()
-        try:
-            async with asyncio.timeout(budget):
-                value = await self.store.get(request.client_key)
-        except TimeoutError:
-            return TimedOut()
-        except StoreError as exc:
-            return Unavailable(str(exc))
-        return store_answer(value)
+        key = pending.request.client_key
+        got = await self._before_deadline(pending, received, lambda: self.store.get(key))
+        return got if isinstance(got, TimedOut | Unavailable) else store_answer(got)
 
     async def _check_seen(self, pending: Pending, received: float) -> ReplayAnswer:
-        assert self.seen is not None
-        request = pending.request
-        budget = request.deadline(received, self.authorizer.policy.backend_timeout) - self.clock()
+        seen, request = self.seen, pending.request
+        assert seen is not None
+        got = await self._before_deadline(
+            pending,
+            received,
+            lambda: seen.first_sight(request.server_id, request.user_nkey, request.nonce),
+        )
+        if isinstance(got, TimedOut | Unavailable):
+            return got
+        return FirstSight() if got else SeenBefore()
+
+    async def _before_deadline(
+        self, pending: Pending, received: float, read: Callable[[], Awaitable[T]]
+    ) -> T | TimedOut | Unavailable:
+        """`read()`, abandoned at the request's deadline; a store failure as its answer."""
+        deadline = pending.request.deadline(received, self.authorizer.policy.backend_timeout)
+        budget = deadline - self.clock()
         if budget <= 0:
             return TimedOut()
         try:
             async with asyncio.timeout(budget):
-                first = await self.seen.first_sight(
-                    request.server_id, request.user_nkey, request.nonce
-                )
+                return await read()
         except TimeoutError:
             return TimedOut()
         except StoreError as exc:
             return Unavailable(str(exc))
-        return FirstSight() if first else SeenBefore()
 
     # -- answering ----------------------------------------------------------------------------
     async def _finish(self, msg: Msg, received: float, answer: Answer) -> None:
